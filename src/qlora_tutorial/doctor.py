@@ -1,0 +1,106 @@
+"""Environment check: ``python -m qlora_tutorial.doctor`` (shown in notebook 00).
+
+Prints the versions of the pinned stack, the GPU and its compute capability,
+bf16 support, whether bitsandbytes 4-bit really works here (a tiny NF4
+quantize/dequantize round trip, not an import check), the profile a run would
+pick, and one verdict line. Run it at the door of a workshop.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from qlora_tutorial.settings import PROFILE_ENV, load_settings
+from qlora_tutorial.training import library_versions
+
+ROUND_TRIP_TOLERANCE = 0.2
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, what was found, and whether it is fine."""
+
+    name: str
+    found: str
+    ok: bool
+
+
+def nf4_round_trip_error(device: str) -> float:
+    """Quantize a random 64x64 matrix to NF4 and back with bitsandbytes; return the max relative error."""
+    import bitsandbytes.functional as bnbf
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 64, generator=generator).to(device)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    restored = bnbf.dequantize_4bit(packed, state)
+    return float(((restored - weight).abs().max() / weight.abs().max()).item())
+
+
+def bitsandbytes_check(device: str) -> Check:
+    """A real 4-bit round trip on ``device``; any failure is reported, not raised."""
+    try:
+        error = nf4_round_trip_error(device)
+    except Exception as failure:  # the doctor reports every failure as a finding, never raises
+        return Check("bitsandbytes 4-bit", f"fails on {device}: {type(failure).__name__}: {failure}", False)
+    ok = error < ROUND_TRIP_TOLERANCE
+    return Check("bitsandbytes 4-bit", f"NF4 round trip on {device}, max relative error {error:.3f}", ok)
+
+
+def gpu_checks() -> list[Check]:
+    """CUDA availability, the GPU, its compute capability and bf16 support."""
+    if not torch.cuda.is_available():
+        return [Check("CUDA", "not available: CPU only (4-bit runs on the CPU, slowly)", True)]
+    major, minor = torch.cuda.get_device_capability()
+    bf16 = torch.cuda.is_bf16_supported()
+    return [
+        Check("CUDA", f"{torch.version.cuda}, {torch.cuda.get_device_name()}", True),
+        Check("compute capability", f"{major}.{minor}", True),
+        Check("bf16", "supported" if bf16 else "not supported: fp16 compute will be used", True),
+    ]
+
+
+def profile_check() -> Check:
+    """The profile and compute dtype a run would use with the current environment."""
+    try:
+        settings = load_settings()
+    except (ValueError, FileNotFoundError) as error:
+        return Check("profile", str(error), False)
+    dtype = str(settings.compute_dtype).removeprefix("torch.")
+    data = settings.data_dir or "the Hugging Face Hub"
+    return Check("profile", f"{settings.profile.name} ({dtype} compute, data from {data})", True)
+
+
+def run_checks() -> list[Check]:
+    """Every check, in report order."""
+    versions = [Check(name, found, True) for name, found in library_versions().items()]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return versions + gpu_checks() + [bitsandbytes_check(device), profile_check()]
+
+
+def verdict(checks: list[Check]) -> str:
+    """The closing line: ready, or what failed."""
+    failed = [check.name for check in checks if not check.ok]
+    if failed:
+        return f"NOT READY: {', '.join(failed)} failed. Fix the lines marked FAIL above, then rerun."
+    return "READY: this machine can run the QLoRA series."
+
+
+def report(checks: list[Check]) -> str:
+    """The checks as aligned lines, then the verdict."""
+    width = max(len(check.name) for check in checks)
+    lines = [f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.found}" for c in checks]
+    return "\n".join([*lines, "", verdict(checks), f"(change the profile with {PROFILE_ENV}=smoke|cpu|gpu)"])
+
+
+def main() -> int:
+    """Print the report; exit 1 when a check failed."""
+    checks = run_checks()
+    print(report(checks))
+    return 0 if all(check.ok for check in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

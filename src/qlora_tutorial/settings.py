@@ -1,0 +1,207 @@
+"""Run profiles and the frozen settings every notebook prints first.
+
+Taught in notebook 00. One environment variable, ``QLORA_PROFILE``, picks a
+profile; ``QLORA_MODEL`` and ``QLORA_DATA_DIR`` override the model and the
+data source. Nothing else in the series branches on hardware except the
+compute dtype and the optimizer, and both are decided here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from qlora_tutorial.sources import BERT_BASE_MODEL, BERT_BASE_REVISION, PACKAGED_MINILM
+
+PROFILE_ENV = "QLORA_PROFILE"
+MODEL_ENV = "QLORA_MODEL"
+DATA_DIR_ENV = "QLORA_DATA_DIR"
+RUNS_DIR_ENV = "QLORA_RUNS_DIR"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much model, data and training one run uses.
+
+    ``train_pool_rows`` rows are drawn (stratified) from the official training
+    split and then split 80/20 into train and validation; ``None`` takes all.
+    ``test_rows`` likewise samples the official test split.
+    """
+
+    name: str
+    model_name: str
+    model_revision: str | None
+    train_pool_rows: int | None
+    test_rows: int | None
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    logging_steps: int
+    purpose: str
+    validation_fraction: float = 0.2
+    max_length: int = 128
+    eval_batch_size: int = 64
+    warmup_ratio: float = 0.06  # a float below 1 is a share of the steps for warmup_steps
+    weight_decay: float = 0.01
+    seed: int = 42
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        model_name=PACKAGED_MINILM,
+        model_revision=None,
+        train_pool_rows=400,
+        test_rows=200,
+        epochs=2,
+        batch_size=16,
+        learning_rate=2e-3,
+        logging_steps=5,
+        purpose="CI: every notebook in about a minute",
+    ),
+    "cpu": Profile(
+        name="cpu",
+        model_name=PACKAGED_MINILM,
+        model_revision=None,
+        train_pool_rows=4_000,
+        test_rows=None,
+        epochs=3,
+        batch_size=16,
+        learning_rate=1e-3,
+        logging_steps=20,
+        purpose="a laptop with no GPU: the whole series in well under half an hour",
+    ),
+    "gpu": Profile(
+        name="gpu",
+        model_name=BERT_BASE_MODEL,
+        model_revision=BERT_BASE_REVISION,
+        train_pool_rows=None,
+        test_rows=None,
+        epochs=1,
+        batch_size=32,
+        learning_rate=2e-4,
+        logging_steps=100,
+        purpose="Colab or a workstation: the full data on bert-base-uncased",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run depends on, decided once and printed by each notebook."""
+
+    profile: Profile
+    model_name: str
+    model_revision: str | None
+    data_dir: Path | None
+    device: str
+    compute_dtype: torch.dtype
+    optimizer: str
+    runs_dir: Path
+
+    def run_dir(self, name: str) -> Path:
+        """Where a run called ``name`` keeps its adapter and results, one folder per profile."""
+        return self.runs_dir / self.profile.name / name
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The settings as (name, value) pairs, for a small table."""
+        source = str(self.data_dir) if self.data_dir else "Hugging Face Hub (fancyzhx/ag_news)"
+        pairs = [
+            ("profile", f"{self.profile.name} ({self.profile.purpose})"),
+            ("model", self.model_name + (f" @ {self.model_revision[:10]}" if self.model_revision else "")),
+            ("data", source),
+            ("device", self.device),
+            ("compute dtype", str(self.compute_dtype).removeprefix("torch.")),
+            ("optimizer", self.optimizer),
+            ("runs saved in", str(self.runs_dir)),
+        ]
+        skip = {"name", "model_name", "model_revision", "purpose"}
+        pairs += [(f.name, str(getattr(self.profile, f.name))) for f in fields(self.profile) if f.name not in skip]
+        return pairs
+
+    def table(self) -> str:
+        """The settings as an aligned two-column text table."""
+        rows = self.rows()
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def default_profile_name() -> str:
+    """``gpu`` where CUDA is available, ``cpu`` elsewhere."""
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def get_profile(name: str) -> Profile:
+    """Look a profile up by name, with a message that lists the valid ones."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        valid = ", ".join(PROFILES)
+        raise ValueError(
+            f"Unknown profile {name!r}. Valid profiles: {valid}. "
+            f"Set {PROFILE_ENV} to one of them, or unset it to get the default."
+        ) from None
+
+
+def compute_dtype_for(device: str, requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype 4-bit layers compute in: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU.
+
+    A request for bf16 on a GPU without it (a T4, compute capability 7.5)
+    raises instead of silently running in emulation.
+    """
+    if device != "cuda":
+        if requested not in (None, torch.float32):
+            raise ValueError(
+                f"Compute dtype {requested} was requested on the CPU, where 4-bit layers "
+                "compute in float32. Leave the compute dtype unset on a CPU."
+            )
+        return torch.float32
+    has_bf16 = torch.cuda.is_bf16_supported()
+    if requested is None:
+        return torch.bfloat16 if has_bf16 else torch.float16
+    if requested == torch.bfloat16 and not has_bf16:
+        name = torch.cuda.get_device_name()
+        raise ValueError(
+            f"{name} does not support bfloat16. Use torch.float16 (the default on this GPU) "
+            "or move to a GPU with compute capability 8.0 or newer (A100, L4, H100)."
+        )
+    return requested
+
+
+def load_settings(profile: str | None = None, *, data_dir: str | Path | None = None) -> Settings:
+    """Decide the run's settings from arguments, then the environment, then defaults.
+
+    ``profile`` wins over ``QLORA_PROFILE``; ``data_dir`` over ``QLORA_DATA_DIR``.
+    Runs are saved under ``QLORA_RUNS_DIR`` (default: ``runs`` in the working folder).
+    A data folder that does not exist is reported here, before any work starts.
+    """
+    chosen = get_profile(profile or os.environ.get(PROFILE_ENV) or default_profile_name())
+    model_override = os.environ.get(MODEL_ENV)
+    model_name = model_override or chosen.model_name
+    revision = None if model_override else chosen.model_revision
+    raw_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    resolved_dir = Path(raw_dir).expanduser().resolve() if raw_dir else None
+    if resolved_dir is not None and not resolved_dir.is_dir():
+        raise FileNotFoundError(
+            f"The data folder {resolved_dir} does not exist. Point {DATA_DIR_ENV} at a folder "
+            "holding train.parquet and test.parquet, or unset it to load AG News from the Hub."
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Settings(
+        profile=chosen,
+        model_name=model_name,
+        model_revision=revision,
+        data_dir=resolved_dir,
+        device=device,
+        compute_dtype=compute_dtype_for(device),
+        optimizer="paged_adamw_32bit" if device == "cuda" else "adamw_torch",
+        runs_dir=Path(os.environ.get(RUNS_DIR_ENV, "runs")).expanduser().resolve(),
+    )
+
+
+def with_profile_changes(settings: Settings, **changes: object) -> Settings:
+    """A copy of ``settings`` whose profile has some fields changed (e.g. the learning rate)."""
+    return replace(settings, profile=replace(settings.profile, **changes))

@@ -1,0 +1,44 @@
+"""Reading, executing and cleaning the series' notebooks (used by run_series and the tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from time import perf_counter
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+KEPT_CELL_METADATA = ("tags", "jupyter", "mystnb")
+
+
+def series() -> list[Path]:
+    """The notebooks of the series, in order (00_... to 06_...)."""
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def clean(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop execution counts and run metadata, so a committed notebook differs only where outputs do."""
+    for cell in notebook.cells:
+        cell.metadata = {key: value for key, value in cell.metadata.items() if key in KEPT_CELL_METADATA}
+        if cell.cell_type == "code":
+            cell.execution_count = None
+            for output in cell.outputs:
+                if "execution_count" in output:
+                    output.execution_count = None
+    notebook.metadata.pop("widgets", None)
+    notebook.metadata.get("language_info", {}).pop("version", None)
+    return notebook
+
+
+def execute(path: Path, destination: Path, timeout: int = 3600) -> float:
+    """Run ``path`` top to bottom in a fresh kernel (cwd: its folder), write the cleaned result, return seconds."""
+    notebook = nbformat.read(path, as_version=4)
+    started = perf_counter()
+    resources = {"metadata": {"path": str(path.parent)}}
+    NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources=resources).execute()
+    seconds = perf_counter() - started
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(clean(notebook), destination)
+    return seconds
