@@ -1,0 +1,130 @@
+"""LoRA from scratch, and the trainable-parameter arithmetic of a LoRA config.
+
+Taught in notebook 03. ``LoRALinear`` is the update ``W x + (alpha / r) * B A x``
+written out in a few lines, so that it can be checked, number for number,
+against PEFT's LoRA layer. ``lora_parameter_count`` derives by hand the number
+that ``PeftModel.print_trainable_parameters()`` reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
+from torch import nn
+
+from qlora_tutorial.modeling import HEAD_MODULES
+
+ALL_LINEAR = "all-linear"
+
+
+def check_rank(r: int) -> None:
+    """Raise a clear error for a LoRA rank that is not a positive integer."""
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"The LoRA rank r must be a positive integer (e.g. 8), got {r!r}.")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update: ``base(x) + (alpha / r) * B(A(dropout(x)))``.
+
+    ``A`` (``r x d_in``) starts Kaiming-uniform like ``nn.Linear`` and PEFT, ``B``
+    (``d_out x r``) starts at zero, so the wrapped layer first computes exactly
+    what the base layer did.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        check_rank(r)
+        self.base = base
+        self.base.requires_grad_(False)
+        self.r = r
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer's output plus the scaled low-rank update."""
+        update = self.dropout(x) @ self.lora_A.T @ self.lora_B.T
+        return self.base(x) + self.scaling * update
+
+    @classmethod
+    def from_peft(cls, layer: PeftLoraLinear, adapter_name: str = "default") -> LoRALinear:
+        """A ``LoRALinear`` holding copies of a PEFT LoRA layer's base weights, ``A``, ``B`` and scaling."""
+        lora_a = layer.lora_A[adapter_name].weight
+        dropout = layer.lora_dropout[adapter_name]
+        ours = cls(
+            copy.deepcopy(layer.get_base_layer()),
+            r=lora_a.shape[0],
+            alpha=layer.scaling[adapter_name] * lora_a.shape[0],
+            dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+        )
+        with torch.no_grad():
+            ours.lora_A.copy_(lora_a)
+            ours.lora_B.copy_(layer.lora_B[adapter_name].weight)
+        ours.scaling = layer.scaling[adapter_name]
+        return ours
+
+
+def lora_update_params(r: int, d_in: int, d_out: int) -> int:
+    """Parameters of one LoRA update on a ``d_in -> d_out`` matrix: ``A`` is ``r x d_in``, ``B`` is ``d_out x r``."""
+    check_rank(r)
+    return r * (d_in + d_out)
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def adapted_linear_layers(
+    model: nn.Module, target_modules: Sequence[str] | str, head_modules: Sequence[str] = HEAD_MODULES
+) -> dict[str, tuple[int, int]]:
+    """``{name: (d_in, d_out)}`` of the linear layers a LoRA config adapts.
+
+    Names match PEFT's rule (the full name or its last dotted parts). ``"all-linear"``
+    takes every linear layer except the head, as PEFT does; for a BERT classifier
+    that includes the pooler.
+    """
+    if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
+        target_modules = [target_modules]
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or _matches(name, head_modules):
+            continue
+        if target_modules == ALL_LINEAR or _matches(name, target_modules):
+            layers[name] = (module.in_features, module.out_features)
+    if not layers:
+        raise ValueError(
+            f"No linear layer of the model matches target_modules={target_modules!r}. "
+            "Print [name for name, _ in model.named_modules()] to see the layer names."
+        )
+    return layers
+
+
+def head_parameter_count(model: nn.Module, head_modules: Sequence[str] = HEAD_MODULES) -> int:
+    """Parameters of the head that ``task_type="SEQ_CLS"`` trains in full (hidden * labels + labels for BERT)."""
+    return sum(
+        param.numel()
+        for name, module in model.named_modules()
+        if _matches(name, head_modules)
+        for param in module.parameters()
+    )
+
+
+def lora_parameter_count(
+    model: nn.Module, r: int, target_modules: Sequence[str] | str, head_modules: Sequence[str] = HEAD_MODULES
+) -> int:
+    """Trainable parameters of ``get_peft_model(model, LoraConfig(r=r, target_modules=..., task_type="SEQ_CLS"))``.
+
+    ``r * (d_in + d_out)`` per adapted matrix, plus the head, which PEFT trains
+    as a full copy (``modules_to_save``). Pass ``head_modules=()`` for a config
+    without a task type, which trains no head.
+    """
+    check_rank(r)
+    layers = adapted_linear_layers(model, target_modules, head_modules)
+    adapters = sum(lora_update_params(r, d_in, d_out) for d_in, d_out in layers.values())
+    return adapters + head_parameter_count(model, head_modules)
