@@ -1,0 +1,180 @@
+"""Using a trained adapter: batched prediction, latency, and the ways to merge it.
+
+Taught in notebook 05. Prediction needs no ``Trainer``: texts are tokenized
+without padding, sorted by length, and each batch is padded only to its own
+longest text (dynamic padding), so short headlines cost short sequences.
+
+Merging folds the LoRA update ``B @ A * alpha / r`` into the base weights so
+the adapter layers disappear. There are two ways, and they differ:
+
+* into the 4-bit base: PEFT (0.21) dequantizes each NF4 weight, adds the
+  update, and quantizes the sum to NF4 again. The update is small next to the
+  NF4 step size, so much of it is rounded away;
+* at full precision (the right way): reload the base unquantized (fp32 on the
+  CPU, 16-bit on a GPU), load the adapter, merge there; save the result and,
+  if memory matters, reload it quantized to NF4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from time import perf_counter
+
+import numpy as np
+import pandas as pd
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from qlora_tutorial.data import LABEL_NAMES
+from qlora_tutorial.modeling import QLORA_PRECISION, Precision, load_adapter, load_classifier
+from qlora_tutorial.settings import Settings
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """The texts as a list, or a clear error for a single string or an empty input."""
+    if isinstance(texts, str):
+        raise TypeError(f"Pass a list of texts, not a single string: predict_proba(model, tokenizer, [{texts!r}]).")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No texts to predict: pass a non-empty list of strings (e.g. news headlines).")
+    return texts
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (where inputs must go)."""
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> np.ndarray:
+    """Class probabilities, one row per text (in the input order), with dynamic padding.
+
+    Texts are sorted by token count so that each batch pads to a similar
+    length; the rows are put back in the input order before returning.
+    """
+    texts = check_texts(texts)
+    model.eval()
+    device = model_device(model)
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+    probabilities = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        rows = order[start : start + batch_size]
+        features = [{key: values[i] for key, values in encoded.items()} for i in rows]
+        batch = tokenizer.pad(features, return_tensors="pt").to(device)
+        logits = model(**batch).logits
+        probabilities[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    return probabilities
+
+
+@torch.inference_mode()
+def latencies_ms(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int = 128,
+    warmup: int = 3,
+) -> np.ndarray:
+    """Milliseconds per text at batch size 1 (tokenize and forward pass), after ``warmup`` untimed calls.
+
+    This is the latency one request sees when texts arrive one at a time; the
+    median of these numbers is what notebook 05 compares across merge variants.
+    """
+    texts = check_texts(texts)
+    model.eval()
+    device = model_device(model)
+
+    def run(text: str) -> None:
+        batch = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        model(**batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for text in texts[:warmup]:
+        run(text)
+    timings = []
+    for text in texts:
+        started = perf_counter()
+        run(text)
+        timings.append((perf_counter() - started) * 1000)
+    return np.asarray(timings)
+
+
+def hardest_mistakes(
+    texts: Sequence[str], labels: Sequence[int], probabilities: np.ndarray, count: int = 10
+) -> pd.DataFrame:
+    """The ``count`` wrong predictions made with the highest confidence, most confident first."""
+    labels = np.asarray(labels)
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probabilities[wrong, predicted[wrong]]
+    chosen = wrong[np.argsort(-confidence, kind="stable")[:count]]
+    return pd.DataFrame(
+        {
+            "text": [texts[i] for i in chosen],
+            "true": [LABEL_NAMES[labels[i]] for i in chosen],
+            "predicted": [LABEL_NAMES[predicted[i]] for i in chosen],
+            "confidence": probabilities[chosen, predicted[chosen]],
+        }
+    )
+
+
+def full_precision(settings: Settings) -> Precision:
+    """The unquantized precision to merge at: fp32 on the CPU, the 16-bit compute dtype on a GPU."""
+    if settings.device != "cuda":
+        return Precision.FP32
+    return Precision.BF16 if settings.compute_dtype == torch.bfloat16 else Precision.FP16
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The adapter folder, or a clear error when it holds no saved adapter."""
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"No adapter in {folder} (adapter_config.json is missing). Train one first: "
+            "qlora_tutorial.pipeline.train_and_evaluate(settings, folder), or run notebook 04."
+        )
+    return folder
+
+
+def load_trained(
+    settings: Settings, adapter_dir: str | Path, precision: Precision | str = QLORA_PRECISION
+) -> PeftModel:
+    """A fresh base at ``precision`` with the saved adapter loaded on top, kept separate (a ``PeftModel``)."""
+    folder = check_adapter_dir(adapter_dir)
+    return load_adapter(load_classifier(settings, precision), str(folder))
+
+
+def merge_into_4bit(settings: Settings, adapter_dir: str | Path) -> PreTrainedModel:
+    """Merge the adapter into the 4-bit base: dequantize, add the update, quantize again (loses part of it)."""
+    return load_trained(settings, adapter_dir, QLORA_PRECISION).merge_and_unload()
+
+
+def merge_full_precision(settings: Settings, adapter_dir: str | Path) -> PreTrainedModel:
+    """Merge the adapter into an unquantized base (fp32 on the CPU, 16-bit on a GPU): exact up to float rounding."""
+    return load_trained(settings, adapter_dir, full_precision(settings)).merge_and_unload()
+
+
+def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> Path:
+    """Save a merged model and its tokenizer as an ordinary transformers checkpoint (safetensors)."""
+    folder = Path(output_dir)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_requantized(settings: Settings, merged_dir: str | Path) -> PreTrainedModel:
+    """Reload a saved full-precision merged model quantized to NF4 (the series' 4-bit config)."""
+    merged = replace(settings, model_name=str(merged_dir), model_revision=None)
+    return load_classifier(merged, QLORA_PRECISION)
