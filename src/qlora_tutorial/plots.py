@@ -5,3 +5,154 @@ given: the numbers come from the other modules.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix
+
+
+def plot_dequantization_error(original: np.ndarray, restored: np.ndarray, title: str) -> Figure:
+    """Notebook 02: a 4-bit layer's dequantized weights against the originals, and the error histogram."""
+    original, restored = np.ravel(original), np.ravel(restored)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    sample = np.random.default_rng(0).choice(original.size, size=min(original.size, 5_000), replace=False)
+    left.scatter(original[sample], restored[sample], s=2, alpha=0.4, label="5,000 sampled weights")
+    low, high = float(original.min()), float(original.max())
+    left.plot([low, high], [low, high], color="black", linewidth=0.8, label="no error (y = x)")
+    left.set(
+        xlabel="original weight (fp32)", ylabel="dequantized weight (fp32)", title="Weights snap to 16 levels per block"
+    )
+    left.legend(loc="upper left")
+    right.hist(restored - original, bins=100, color="tab:orange")
+    right.set(xlabel="dequantized - original", ylabel="number of weights", title="Quantization error")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_weight_memory(rows: Sequence[Mapping[str, float]]) -> Figure:
+    """Notebook 02: stacked weight memory (MiB) by precision, with ``get_memory_footprint()`` marked.
+
+    Each row holds ``precision``, ``unquantized_mib``, ``quantized_mib``, ``state_mib`` and ``footprint_mib``.
+    """
+    names = [str(row["precision"]) for row in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bottom = np.zeros(len(rows))
+    for key, label in (
+        ("unquantized_mib", "unquantized (embeddings, LayerNorm, biases, head)"),
+        ("quantized_mib", "quantized weights (packed)"),
+        ("state_mib", "quantization state (absmax, code books)"),
+    ):
+        values = np.array([float(row[key]) for row in rows])
+        ax.bar(x, values, bottom=bottom, label=label)
+        bottom += values
+    footprint = [float(row["footprint_mib"]) for row in rows]
+    ax.scatter(x, footprint, marker="_", s=900, color="black", zorder=3, label="get_memory_footprint()")
+    for position, total in zip(x, bottom, strict=True):
+        ax.annotate(
+            f"{total:.1f}",
+            (position, total),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
+    ax.set_xticks(x, names)
+    ax.set(xlabel="precision", ylabel="weight memory (MiB)", title="Weight memory by precision")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trainable_share(ranks: Sequence[int], shares: Mapping[str, Sequence[float]], title: str) -> Figure:
+    """Notebook 03: trainable share of parameters (%) against the LoRA rank, one line per target set."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in shares.items():
+        ax.plot(ranks, [100 * v for v in values], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ranks), [str(r) for r in ranks])
+    ax.set(xlabel="LoRA rank r", ylabel="trainable parameters (% of all)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_padding_comparison(tokens_per_batch: dict[str, float], ms_per_step: dict[str, float]) -> Figure:
+    """Notebook 04: padded tokens per batch and training step time, dynamic padding vs padding to max length."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    colors = ["tab:green", "tab:red"]
+    for axis, values, label, title in (
+        (left, tokens_per_batch, "tokens per batch (padding included)", "Tokens the model processes"),
+        (right, ms_per_step, "forward + backward per batch (ms)", "Training step time"),
+    ):
+        bars = axis.bar(list(values), list(values.values()), color=colors[: len(values)])
+        axis.bar_label(bars, fmt="%.0f")
+        axis.set_ylabel(label)
+        axis.set_title(title)
+        axis.margins(y=0.15)
+    figure.tight_layout()
+    return figure
+
+
+def plot_training_curves(log_history: list[dict[str, float]], title: str = "QLoRA training") -> Figure:
+    """Notebook 04: training loss per logging step and validation accuracy per evaluation, from ``log_history``."""
+    losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    accuracies = [(entry["step"], entry["eval_accuracy"]) for entry in log_history if "eval_accuracy" in entry]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot(*zip(*losses, strict=True), marker=".", label="training loss")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("cross-entropy loss (nats)")
+    left.set_title(f"{title}: training loss")
+    left.legend()
+    if accuracies:
+        right.plot(*zip(*accuracies, strict=True), marker="o", color="tab:orange", label="validation accuracy")
+        right.legend()
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("accuracy")
+    right.set_title(f"{title}: validation accuracy")
+    figure.tight_layout()
+    return figure
+
+
+def plot_learning_rate_curves(histories: dict[str, list[dict[str, float]]], accuracies: dict[str, float]) -> Figure:
+    """Notebook 04: training loss per step for each learning rate, and each rate's validation accuracy after."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [2, 1]})
+    for name, history in histories.items():
+        steps, losses = zip(*[(entry["step"], entry["loss"]) for entry in history if "loss" in entry], strict=True)
+        left.plot(steps, losses, marker=".", label=f"lr {name}")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("training loss (nats)")
+    left.set_title("Training loss by learning rate")
+    left.legend()
+    bars = right.bar([f"lr {name}" for name in accuracies], list(accuracies.values()), color="tab:orange")
+    right.bar_label(bars, fmt="%.2f")
+    right.set_ylim(0, 1)
+    right.set_ylabel("validation accuracy")
+    right.set_title("After the same steps")
+    figure.tight_layout()
+    return figure
+
+
+def plot_confusion_matrix(labels: np.ndarray, predictions: np.ndarray, names: tuple[str, ...]) -> Figure:
+    """Notebook 05: the confusion matrix as counts, true topics in rows, predicted topics in columns."""
+    matrix = confusion_matrix(labels, predictions, labels=list(range(len(names))))
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    image = axis.imshow(matrix, cmap="Blues")
+    for row in range(len(names)):
+        for column in range(len(names)):
+            color = "white" if matrix[row, column] > matrix.max() / 2 else "black"
+            axis.text(column, row, str(matrix[row, column]), ha="center", va="center", color=color)
+    axis.set_xticks(range(len(names)), names)
+    axis.set_yticks(range(len(names)), names)
+    axis.set_xlabel("predicted topic")
+    axis.set_ylabel("true topic")
+    axis.set_title("Confusion matrix (test texts)")
+    figure.colorbar(image, ax=axis, label="texts")
+    figure.tight_layout()
+    return figure
