@@ -156,3 +156,65 @@ def plot_confusion_matrix(labels: np.ndarray, predictions: np.ndarray, names: tu
     figure.colorbar(image, ax=axis, label="texts")
     figure.tight_layout()
     return figure
+
+
+def plot_qlora_pipeline() -> Figure:
+    """Notebook 00: the four steps of QLoRA as boxes and arrows, from a full-precision model to a trained adapter."""
+    steps = (
+        ("pretrained BERT\nfull-precision weights", "tab:gray"),
+        ("1. quantize the base\nto 4-bit NF4 (frozen)", "tab:blue"),
+        ("2. add low-rank\nadapters (LoRA) to\nquery and value", "tab:orange"),
+        ("3. train only the\nadapters; the 4-bit base\nis dequantized on the fly", "tab:green"),
+        ("4. keep the adapter\nseparate (a small file)\nor merge it into the base", "tab:purple"),
+    )
+    figure, axis = plt.subplots(figsize=(13, 2.6))
+    width, gap = 2.2, 0.45
+    for index, (text, color) in enumerate(steps):
+        left = index * (width + gap)
+        axis.add_patch(plt.Rectangle((left, 0), width, 1, facecolor=color, alpha=0.18, edgecolor=color, linewidth=1.5))
+        axis.text(left + width / 2, 0.5, text, ha="center", va="center", fontsize=10)
+        if index:
+            axis.annotate("", xy=(left, 0.5), xytext=(left - gap, 0.5), arrowprops={"arrowstyle": "->", "lw": 1.5})
+    axis.set_xlim(-0.1, len(steps) * (width + gap) - gap + 0.1)
+    axis.set_ylim(-0.1, 1.1)
+    axis.axis("off")
+    axis.set_title("QLoRA: quantize the base, add adapters, train only the adapters, then keep or merge them")
+    figure.tight_layout()
+    return figure
+
+
+def plot_weights_with_levels(scaled_weights: np.ndarray, levels: np.ndarray, title: str) -> Figure:
+    """Notebook 01: histogram of weights divided by their block's absmax, with the 4-bit levels drawn over it."""
+    figure, axis = plt.subplots(figsize=(10, 4))
+    axis.hist(np.ravel(scaled_weights), bins=200, range=(-1, 1), color="tab:blue", alpha=0.7, label="weights / absmax")
+    for index, level in enumerate(np.ravel(levels)):
+        axis.axvline(level, color="tab:red", linewidth=1, alpha=0.8, label="NF4 levels" if index == 0 else None)
+    axis.set(xlabel="weight divided by its block's absmax (unitless)", ylabel="number of weights", title=title)
+    axis.legend(loc="upper right")
+    figure.tight_layout()
+    return figure
+
+
+def plot_error_by_data_type(errors: Mapping[str, float], title: str) -> Figure:
+    """Notebook 01: reconstruction error (% of the weights' norm) for each data type, as labelled bars."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    bars = axis.bar(list(errors), [100 * value for value in errors.values()], color="tab:blue")
+    axis.bar_label(bars, fmt="%.2f%%")
+    axis.set(xlabel="data type (block size 64)", ylabel="relative error ||W - Ŵ|| / ||W|| (%)", title=title)
+    axis.margins(y=0.15)
+    figure.tight_layout()
+    return figure
+
+
+def plot_error_by_block_size(block_sizes: Sequence[int], errors: Mapping[str, Sequence[float]], title: str) -> Figure:
+    """Notebook 01: reconstruction error (%) against the block size, one line per data type."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, values in errors.items():
+        axis.plot(block_sizes, [100 * value for value in values], marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(list(block_sizes), [str(size) for size in block_sizes])
+    axis.set(xlabel="block size (values per absmax)", ylabel="relative error ||W - Ŵ|| / ||W|| (%)", title=title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    return figure
