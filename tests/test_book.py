@@ -1,0 +1,151 @@
+"""The Jupyter Book's wiring (no build): the notebooks in the TOC, the Colab links, and the quoted error messages.
+
+`make book` builds the book with warnings as errors; these tests check what a
+build cannot: that the Colab launch buttons open the real notebooks on GitHub,
+and that every error message the troubleshooting page quotes is still the one
+the code raises with the pinned stack.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import bitsandbytes as bnb
+import pandas as pd
+import pytest
+import torch
+import yaml
+from peft import get_peft_model
+
+from qlora_tutorial.data import load_ag_news
+from qlora_tutorial.modeling import check_head_not_quantized, load_classifier, reference_lora_config
+from qlora_tutorial.settings import Settings, compute_dtype_for, get_profile, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+BOOK = REPO / "book"
+sys.path.insert(0, str(REPO / "tools"))
+
+from notebook_io import series  # noqa: E402
+
+CONFIG = yaml.safe_load((BOOK / "_config.yml").read_text(encoding="utf-8"))
+TOC = yaml.safe_load((BOOK / "_toc.yml").read_text(encoding="utf-8"))
+TROUBLESHOOTING = (BOOK / "troubleshooting.md").read_text(encoding="utf-8")
+PLACEHOLDER_DIR = "/path/to/ag_news"
+
+
+def toc_entries() -> list[dict[str, str]]:
+    return [TOC] + [chapter for part in TOC["parts"] for chapter in part["chapters"]]
+
+
+def notebook_pages() -> list[str]:
+    """The page names of the notebooks, as the TOC's glob picks them (page names have no suffix)."""
+    globs = [entry["glob"] for entry in toc_entries() if "glob" in entry]
+    return [
+        f"notebooks/{path.stem}"
+        for path in series()
+        if any(fnmatch.fnmatch(f"notebooks/{path.stem}", pattern) for pattern in globs)
+    ]
+
+
+def test_notebooks_enter_the_book_through_the_link() -> None:
+    link = BOOK / "notebooks"
+    assert link.is_symlink() and link.readlink() == Path("../notebooks")
+
+
+def test_every_notebook_of_the_series_is_in_the_toc() -> None:
+    assert notebook_pages() == [f"notebooks/{path.stem}" for path in series()]
+
+
+def test_every_page_file_exists() -> None:
+    files = [entry.get("file", entry.get("root")) for entry in toc_entries() if "glob" not in entry]
+    assert all((BOOK / f"{name}.md").is_file() for name in files), files
+
+
+def test_the_book_never_executes_notebooks() -> None:
+    assert CONFIG["execute"]["execute_notebooks"] == "off"
+
+
+@pytest.mark.parametrize("page", notebook_pages())
+def test_colab_launch_button_opens_the_notebook_itself(page: str) -> None:
+    """sphinx-book-theme links to {url}/blob/{branch}/{path_to_book}/{page}.ipynb: that must be the real file."""
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    prefix = CONFIG["repository"]["path_to_book"].strip("/")
+    in_repository = f"{prefix}/{page}.ipynb" if prefix else f"{page}.ipynb"
+    target = REPO / in_repository
+    assert in_repository.startswith("notebooks/"), in_repository
+    assert target.is_file() and not any(parent.is_symlink() for parent in [target, *target.parents])
+
+
+def quoted(message: str) -> bool:
+    return message in TROUBLESHOOTING
+
+
+def test_quoted_settings_errors_are_current(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as unknown:
+        get_profile("laptop")
+    with pytest.raises(FileNotFoundError) as no_folder:
+        load_settings("smoke", data_dir=tmp_path / "ag_news")
+    with (
+        mock.patch("torch.cuda.is_bf16_supported", return_value=False),
+        mock.patch("torch.cuda.get_device_name", return_value="Tesla T4"),
+        pytest.raises(ValueError) as t4,
+    ):
+        compute_dtype_for("cuda", torch.bfloat16)
+    assert quoted(f"ValueError: {unknown.value}")
+    assert quoted(f"FileNotFoundError: {no_folder.value}".replace(str(tmp_path / "ag_news"), PLACEHOLDER_DIR))
+    assert quoted(f"ValueError: {t4.value}")
+
+
+def test_quoted_data_errors_are_current(tmp_path: Path) -> None:
+    folder = tmp_path / "ag_news"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError) as missing:
+        load_ag_news(folder)
+    wrong = pd.DataFrame({"sentence": ["Shares fell."], "label": [2]})
+    for split in ("train", "test"):
+        wrong.to_parquet(folder / f"{split}.parquet")
+    with pytest.raises(ValueError) as columns:
+        load_ag_news(folder)
+    assert quoted(f"FileNotFoundError: {missing.value}".replace(str(folder), PLACEHOLDER_DIR))
+    assert quoted(f"ValueError: {columns.value}".replace(str(folder), PLACEHOLDER_DIR))
+
+
+def test_quoted_head_check_is_current() -> None:
+    model = torch.nn.Module()
+    model.classifier = bnb.nn.Linear4bit(4, 4)
+    with pytest.raises(ValueError) as head:
+        check_head_not_quantized(model)
+    assert quoted(f"ValueError: {head.value}")
+
+
+def test_quoted_library_messages_are_current(
+    tiny_settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The transformers, bitsandbytes and PEFT messages, reproduced on the tiny BERT in 4 bit."""
+    model = load_classifier(tiny_settings, "nf4")
+    with pytest.raises(ValueError) as half:
+        model.half()
+    with pytest.raises(ValueError) as cast:
+        model.to(torch.float16)
+    assert quoted(f"ValueError: {half.value}")
+    assert quoted(f"ValueError: {cast.value}")
+
+    # The trap needs a head that is new (not in the checkpoint), as with a pretrained encoder.
+    load_classifier(tiny_settings, "fp32").bert.save_pretrained(tmp_path / "encoder")
+    encoder_only = replace(tiny_settings, model_name=str(tmp_path / "encoder"))
+    quantized_head = load_classifier(encoder_only, "nf4", skip_modules=None)
+    capsys.readouterr()
+    with pytest.raises(AssertionError):
+        quantized_head(input_ids=torch.tensor([[101, 2023, 102]]))
+    assert quoted(capsys.readouterr().out.strip() + "\nAssertionError\n")
+
+    adapted = get_peft_model(model, reference_lora_config())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted.merge_and_unload()
+    assert caught and all(quoted(f"{w.category.__name__}: {w.message}") for w in caught)
