@@ -16,7 +16,7 @@ from qlora_tutorial.modeling import (
 
 
 def test_bad_precision_lists_valid_names():
-    with pytest.raises(ValueError, match="Unknown precision 'int4'. Valid precisions: fp32, bf16, fp16, int8, fp4"):
+    with pytest.raises(ValueError, match=r"Unknown precision 'int4'\. Valid precisions: fp32, bf16, fp16, int8, fp4"):
         parse_precision("int4")
 
 

@@ -44,7 +44,7 @@ def test_model_override_drops_the_pinned_revision(monkeypatch):
 
 
 def test_missing_data_folder_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist. Point QLORA_DATA_DIR"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist\. Point QLORA_DATA_DIR"):
         load_settings("smoke", data_dir=tmp_path / "nowhere")
 
 
@@ -68,7 +68,7 @@ def test_compute_dtype_follows_gpu(monkeypatch):
 def test_bf16_on_a_gpu_without_it_says_what_to_do(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla T4")
-    with pytest.raises(ValueError, match="Tesla T4 does not support bfloat16. Use torch.float16"):
+    with pytest.raises(ValueError, match=r"Tesla T4 does not support bfloat16\. Use torch\.float16"):
         compute_dtype_for("cuda", torch.bfloat16)
 
 
