@@ -40,3 +40,10 @@ def test_unknown_profile_makes_the_doctor_fail(monkeypatch):
     )
     assert finished.returncode == 1
     assert "FAIL  profile" in finished.stdout and "NOT READY" in finished.stdout
+
+
+def test_versions_are_checked_against_the_pins(monkeypatch):
+    assert doctor.pinned_specifiers()["transformers"] == "==5.23.0"
+    monkeypatch.setattr(doctor, "pinned_specifiers", lambda: {"transformers": "==4.0.0"})
+    transformers_check = next(check for check in doctor.version_checks() if check.name == "transformers")
+    assert not transformers_check.ok and "(pinned ==4.0.0)" in transformers_check.found

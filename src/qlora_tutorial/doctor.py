@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, requires
 
 import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from qlora_tutorial.settings import PROFILE_ENV, load_settings
 from qlora_tutorial.training import library_versions
@@ -26,6 +29,28 @@ class Check:
     name: str
     found: str
     ok: bool
+
+
+def pinned_specifiers() -> dict[str, str]:
+    """The version pins this package was installed with (empty when it runs from a source tree)."""
+    try:
+        declared = requires("qlora-tutorial") or []
+    except PackageNotFoundError:
+        return {}
+    parsed = (Requirement(line) for line in declared if "extra ==" not in line)
+    return {requirement.name.lower(): str(requirement.specifier) for requirement in parsed}
+
+
+def version_checks() -> list[Check]:
+    """Each library's version, failing where it breaks the package's pin."""
+    pins = pinned_specifiers()
+    checks = []
+    for name, found in library_versions().items():
+        pin = pins.get(name, "")
+        ok = not pin or Version(found) in Requirement(f"{name}{pin}").specifier
+        note = f" (pinned {pin})" if pin else ""
+        checks.append(Check(name, f"{found}{note}", ok))
+    return checks
 
 
 def nf4_round_trip_error(device: str) -> float:
@@ -75,9 +100,8 @@ def profile_check() -> Check:
 
 def run_checks() -> list[Check]:
     """Every check, in report order."""
-    versions = [Check(name, found, True) for name, found in library_versions().items()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return versions + gpu_checks() + [bitsandbytes_check(device), profile_check()]
+    return version_checks() + gpu_checks() + [bitsandbytes_check(device), profile_check()]
 
 
 def verdict(checks: list[Check]) -> str:
