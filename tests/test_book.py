@@ -149,3 +149,18 @@ def test_quoted_library_messages_are_current(
         warnings.simplefilter("always")
         adapted.merge_and_unload()
     assert caught and all(quoted(f"{w.category.__name__}: {w.message}") for w in caught)
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu"])
+def test_intro_profile_table_matches_the_profiles(name: str) -> None:
+    """The intro's table of profiles states each profile's rows and epochs as settings.py defines them."""
+    intro = (BOOK / "intro.md").read_text(encoding="utf-8")
+    row = next(line for line in intro.splitlines() if line.startswith(f"| `{name}` |"))
+    profile = get_profile(name)
+    epochs = f"{profile.epochs:g} epoch" + ("" if profile.epochs == 1 else "s")
+    assert epochs in row
+    if profile.train_pool_rows is not None:
+        train = round(profile.train_pool_rows * (1 - profile.validation_fraction))
+        assert f"{profile.train_pool_rows:,} training rows ({train:,} train" in row
+    if profile.test_rows is not None:
+        assert f"{profile.test_rows:,} test rows" in row

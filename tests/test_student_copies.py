@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -110,13 +111,11 @@ def test_committed_copy_has_no_solutions(path: Path) -> None:
 
 
 def cells_before_exercises(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """The notebook cut just before its '## Exercises' heading."""
-    end = next(
-        index
-        for index, cell in enumerate(notebook.cells)
-        if cell.cell_type == "markdown" and cell.source.lstrip().startswith("## Exercises")
-    )
-    notebook.cells = notebook.cells[:end]
+    """The notebook cut just before the markdown cell that holds its '## Exercises' heading."""
+    heading = re.compile(r"^## Exercises\s*$", re.MULTILINE)
+    ends = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "markdown" and heading.search(cell.source)]
+    assert ends, "the notebook has no '## Exercises' heading"
+    notebook.cells = notebook.cells[: ends[0]]
     return notebook
 
 
