@@ -218,3 +218,53 @@ def plot_error_by_block_size(block_sizes: Sequence[int], errors: Mapping[str, Se
     axis.legend()
     figure.tight_layout()
     return figure
+
+
+def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> Figure:
+    """Notebook 06: weight and peak training memory (MiB) beside validation and test accuracy, one bar per method.
+
+    Each row holds ``method``, ``weight_mib``, ``peak_mib``, ``validation_accuracy`` and ``test_accuracy``
+    (``comparison.comparison_row``); rows without them (inference-only) are left out.
+    """
+    rows = [row for row in rows if row.get("peak_mib") is not None]
+    names = [str(row["method"]).replace(" (", "\n(") for row in rows]
+    x = np.arange(len(rows))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for axis, keys, ylabel, subtitle in (
+        (left, (("weight_mib", "weights"), ("peak_mib", "peak training memory")), "memory (MiB)", "Memory"),
+        (right, (("validation_accuracy", "validation"), ("test_accuracy", "test")), "accuracy", "Accuracy"),
+    ):
+        for offset, (key, label) in zip((-0.2, 0.2), keys, strict=True):
+            values = [float(row[key]) for row in rows]
+            bars = axis.bar(x + offset, values, width=0.4, label=label)
+            axis.bar_label(bars, fmt="%.0f" if key.endswith("mib") else "%.2f", fontsize=8)
+        axis.set_xticks(x, names, fontsize=8)
+        axis.set(xlabel="method", ylabel=ylabel, title=subtitle)
+        axis.margins(y=0.15)
+        axis.legend(loc="lower right" if axis is right else "upper right")
+    right.set_ylim(0, 1.05)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_memory_projection(
+    sizes: Sequence[str], gigabytes: Mapping[str, Sequence[float]], gpus: Mapping[str, float], title: str
+) -> Figure:
+    """Notebook 06: projected training memory (GB, log scale) by model size, one line per method, GPUs as lines."""
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for method, values in gigabytes.items():
+        axis.plot(sizes, values, marker="o", label=method)
+    seen: dict[float, list[str]] = {}
+    for gpu, memory in gpus.items():
+        seen.setdefault(memory, []).append(gpu)
+    for memory, names in seen.items():
+        axis.axhline(memory, color="gray", linestyle="--", linewidth=0.8)
+        axis.text(len(sizes) - 1, memory, f" {' / '.join(names)} ({memory:g} GB)", va="bottom", ha="right", fontsize=8)
+    axis.set_yscale("log")
+    axis.set(xlabel="model size (LLaMA shapes)", ylabel="training memory without activations (GB, log scale)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3, which="both", axis="y")
+    axis.legend(loc="upper left")
+    figure.tight_layout()
+    return figure
