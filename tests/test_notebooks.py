@@ -108,9 +108,11 @@ def test_each_exercise_has_a_solution_cell(path: Path) -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_committed_outputs_are_clean(path: Path) -> None:
     code = [cell for cell in load(path).cells if cell.cell_type == "code"]
-    assert all(cell.execution_count is None for cell in code), "execution counts should be cleaned"
+    numbers = list(range(1, len(code) + 1))
+    assert [cell.execution_count for cell in code] == numbers, "execution counts should be renumbered 1, 2, 3..."
+    for number, cell in zip(numbers, code, strict=True):
+        assert all(output.get("execution_count", number) == number for output in cell.outputs)
     outputs = [output for cell in code for output in cell.outputs]
-    assert all(output.get("execution_count") is None for output in outputs)
     errors = [f"{o.get('ename')}: {o.get('evalue')}" for o in outputs if o.output_type == "error"]
     assert not errors, f"committed error outputs: {errors}"
 

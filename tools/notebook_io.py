@@ -19,14 +19,21 @@ def series() -> list[Path]:
 
 
 def clean(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Drop execution counts and run metadata, so a committed notebook differs only where outputs do."""
+    """Renumber execution counts 1, 2, 3... in cell order and drop run metadata.
+
+    A committed notebook then differs only where outputs do. The counts stay
+    (as a clean top-to-bottom run would have them) because nbval treats a cell
+    without one as never run: it fails such a cell when it has outputs and
+    never compares its outputs, so ``# NBVAL_CHECK_OUTPUT`` would check nothing.
+    """
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     for cell in notebook.cells:
         cell.metadata = {key: value for key, value in cell.metadata.items() if key in KEPT_CELL_METADATA}
-        if cell.cell_type == "code":
-            cell.execution_count = None
-            for output in cell.outputs:
-                if "execution_count" in output:
-                    output.execution_count = None
+    for number, cell in enumerate(code_cells, start=1):
+        cell.execution_count = number
+        for output in cell.outputs:
+            if "execution_count" in output:
+                output.execution_count = number
     notebook.metadata.pop("widgets", None)
     notebook.metadata.get("language_info", {}).pop("version", None)
     return notebook
