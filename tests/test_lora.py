@@ -81,6 +81,7 @@ def test_parameter_formula_matches_peft(tiny_settings: Settings, r: int, targets
     expected = lora_parameter_count(model, r, targets)
     peft_model = get_peft_model(model, reference_lora_config(r=r, target_modules=targets))
     assert expected == count_parameters(peft_model).trainable
+    assert lora_parameter_count(peft_model.base_model.model, r, targets) == expected  # works on the wrapped model too
 
 
 def test_tiny_bert_head_and_layers(tiny_settings: Settings) -> None:

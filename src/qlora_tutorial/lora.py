@@ -80,6 +80,18 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
     return any(name == target or name.endswith("." + target) for target in targets)
 
 
+PEFT_INTERNALS = ("base_layer", "lora_A", "lora_B", "lora_dropout", "original_module", "modules_to_save")
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The layer PEFT wrapped (a LoRA layer's base layer, a ``modules_to_save`` wrapper's original), else ``module``."""
+    if hasattr(module, "original_module"):
+        return module.original_module
+    if hasattr(module, "base_layer"):
+        return module.get_base_layer()
+    return module
+
+
 def adapted_linear_layers(
     model: nn.Module, target_modules: Sequence[str] | str, head_modules: Sequence[str] = HEAD_MODULES
 ) -> dict[str, tuple[int, int]]:
@@ -87,16 +99,19 @@ def adapted_linear_layers(
 
     Names match PEFT's rule (the full name or its last dotted parts). ``"all-linear"``
     takes every linear layer except the head, as PEFT does; for a BERT classifier
-    that includes the pooler.
+    that includes the pooler. Works on a plain model and on one PEFT already wrapped.
     """
     if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
         target_modules = [target_modules]
     layers = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or _matches(name, head_modules):
+        if any(part in PEFT_INTERNALS for part in name.split(".")):
+            continue
+        layer = _unwrapped(module)
+        if not isinstance(layer, nn.Linear) or _matches(name, head_modules):
             continue
         if target_modules == ALL_LINEAR or _matches(name, target_modules):
-            layers[name] = (module.in_features, module.out_features)
+            layers[name] = (layer.in_features, layer.out_features)
     if not layers:
         raise ValueError(
             f"No linear layer of the model matches target_modules={target_modules!r}. "
@@ -110,8 +125,8 @@ def head_parameter_count(model: nn.Module, head_modules: Sequence[str] = HEAD_MO
     return sum(
         param.numel()
         for name, module in model.named_modules()
-        if _matches(name, head_modules)
-        for param in module.parameters()
+        if _matches(name, head_modules) and not any(part in PEFT_INTERNALS for part in name.split("."))
+        for param in _unwrapped(module).parameters()
     )
 
 
