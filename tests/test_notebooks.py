@@ -93,7 +93,7 @@ def test_each_exercise_has_a_solution_cell(path: Path) -> None:
     exercises = [(int(m.group(1)), index) for level, text, index in found if (m := EXERCISE.match(text)) and level == 3]
     assert 2 <= len(exercises) <= 4, f"2 to 4 exercises, found {len(exercises)}"
     assert [number for number, _ in exercises] == list(range(1, len(exercises) + 1))
-    assert all(start < index < end for _, index in exercises)
+    assert all(start <= index < end for _, index in exercises), "the exercises belong under '## Exercises'"
     solutions = [(index, cell) for index, cell in enumerate(notebook.cells) if "solution" in tags(cell)]
     assert len(solutions) == len(exercises), "one solution cell per exercise"
     for (number, heading_index), (index, cell) in zip(exercises, solutions, strict=True):

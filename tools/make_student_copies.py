@@ -55,6 +55,7 @@ def student_copy(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
             notebook.cells[index] = empty
         if cell.cell_type == "code":
             cell.outputs = []
+            cell.execution_count = None  # never run in this copy
     return notebook
 
 
