@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 BOOK_HTML := book/_build/html
 
-.PHONY: run outputs test unit notebooks book lab lint doctor student-copies clean
+.PHONY: run outputs test unit notebooks book lab lint doctor student-copies benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ doctor: $(STAMP)
 
 student-copies: $(STAMP)
 	$(BIN)/python tools/make_student_copies.py
+
+## benchmark: full fine-tuning vs LoRA vs QLoRA and the reference recipe vs ours -> benchmarks/results/<profile>.json/.md (not in CI)
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/compare_methods.py
 
 clean:
 	rm -rf $(VENV) book/_build runs notebooks/runs

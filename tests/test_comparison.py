@@ -16,6 +16,7 @@ from qlora_tutorial.comparison import (
     markdown_table,
     median_latency_ms,
     recipe_speedup,
+    recipe_summary,
     run_logged,
     seconds_per_step,
     train_command,
@@ -114,3 +115,18 @@ def test_speedup_compares_time_to_the_accuracy_both_recipes_reach():
 def test_speedup_needs_validation_during_training():
     with pytest.raises(ValueError, match="--eval-steps"):
         recipe_speedup(history([]), history([(2, 0.5)]))
+
+
+def test_recipe_summary_states_target_steps_and_ratios():
+    recipes = {
+        "reference_recipe": "pad to 128 tokens, learning rate 5e-05",
+        "our_recipe": "dynamic padding, learning rate 0.001",
+        "target_validation_accuracy": 0.6,
+        "steps_to_target": {"reference": 6, "ours": 2},
+        "seconds_to_target": {"reference": 60.0, "ours": 10.0},
+        "speedup": 6.0,
+        "step_time_ratio": 2.0,
+    }
+    summary = recipe_summary(recipes)
+    for part in ("both reach 60.0%", "at step 6 (60 s", "at step 2 (10 s)", "**6.0x** sooner", "costs 2.00x"):
+        assert part in summary
