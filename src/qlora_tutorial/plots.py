@@ -23,7 +23,9 @@ def plot_dequantization_error(original: np.ndarray, restored: np.ndarray, title:
     low, high = float(original.min()), float(original.max())
     left.plot([low, high], [low, high], color="black", linewidth=0.8, label="no error (y = x)")
     left.set(
-        xlabel="original weight (fp32)", ylabel="dequantized weight (fp32)", title="Weights snap to 16 levels per block"
+        xlabel="original weight (fp32)",
+        ylabel="dequantized weight (fp32)",
+        title="Dequantized against original weights",
     )
     left.legend(loc="upper left")
     right.hist(restored - original, bins=100, color="tab:orange")
