@@ -15,7 +15,7 @@ from notebook_io import ROOT, execute, series
 
 from qlora_tutorial.pipeline import format_summary
 from qlora_tutorial.settings import RUNS_DIR_ENV, load_settings
-from qlora_tutorial.training import load_results
+from qlora_tutorial.training import RESULTS_FILE, load_results
 
 SERIES_OUTPUT = ROOT / "runs" / "series"
 
@@ -36,7 +36,7 @@ def main() -> int:
         seconds = execute(path, destination)
         print(f"{seconds:.0f} s -> {destination.relative_to(ROOT)}", flush=True)
     adapter_dir = settings.run_dir("qlora")
-    if adapter_dir.exists():
+    if (adapter_dir / RESULTS_FILE).is_file():
         print("\n" + format_summary(load_results(adapter_dir)))
     return 0
 
