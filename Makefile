@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python tools/run_series.py
 
-## outputs: rerun the series and write its outputs into notebooks/ (commit them from a cpu run)
+## outputs: rerun the series and write its outputs into notebooks/ (commit them from a cpu run), then the student copies
 outputs: $(STAMP)
 	$(BIN)/python tools/run_series.py --in-place
+	$(BIN)/python tools/make_student_copies.py
 
 ## test: lint, unit tests, every notebook under nbval on the smoke profile, the book with warnings as errors
 test: $(STAMP)
