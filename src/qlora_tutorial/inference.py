@@ -162,7 +162,11 @@ def merge_into_4bit(settings: Settings, adapter_dir: str | Path) -> PreTrainedMo
 
 
 def merge_full_precision(settings: Settings, adapter_dir: str | Path) -> PreTrainedModel:
-    """Merge the adapter into an unquantized base (fp32 on the CPU, 16-bit on a GPU): exact up to float rounding."""
+    """Merge the adapter into an unquantized base (fp32 on the CPU, 16-bit on a GPU).
+
+    Exact up to float rounding for that base plus the adapter; it differs from the 4-bit base plus the
+    adapter (what was trained) by the base's quantization error, as notebook 05 measures.
+    """
     return load_trained(settings, adapter_dir, full_precision(settings)).merge_and_unload()
 
 
