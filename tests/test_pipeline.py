@@ -4,11 +4,12 @@ import json
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 
 from qlora_tutorial.modeling import Precision
-from qlora_tutorial.pipeline import check_method, format_summary, method_name
+from qlora_tutorial.pipeline import check_method, final_validation, format_summary, method_name
 
 RELOAD_SCRIPT = textwrap.dedent(
     """
@@ -105,3 +106,11 @@ def test_summary_formats_a_results_file(smoke_run):
     _, _, results = smoke_run
     summary = format_summary(results)
     assert "validation accuracy" in summary and f"{results['test_accuracy']:.2%}" in summary
+
+
+def test_final_validation_reuses_the_last_steps_evaluation():
+    history = [{"eval_accuracy": 0.5, "step": 20}, {"loss": 1.0, "step": 40}, {"eval_accuracy": 0.8, "step": 40}]
+    state = SimpleNamespace(global_step=40, log_history=[*history, {"train_runtime": 3.0, "step": 40}])
+    assert final_validation(SimpleNamespace(state=state))["eval_accuracy"] == 0.8
+    state.log_history = history[:2]
+    assert final_validation(SimpleNamespace(state=state)) is None, "no evaluation at the last step: evaluate again"

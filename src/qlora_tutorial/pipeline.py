@@ -12,6 +12,7 @@ from time import perf_counter
 from typing import Any
 
 from peft import LoraConfig
+from transformers import Trainer
 
 from qlora_tutorial.data import load_splits, tokenize_splits
 from qlora_tutorial.memory import (
@@ -50,6 +51,13 @@ def method_name(precision: Precision, use_lora: bool) -> str:
     return f"QLoRA ({precision.value})" if precision.is_quantized else f"LoRA ({precision.value} base)"
 
 
+def final_validation(trainer: Trainer) -> dict[str, float] | None:
+    """The validation metrics the ``Trainer`` logged at its last step, if it validated there (each epoch does)."""
+    state = trainer.state
+    logged = (entry for entry in reversed(state.log_history) if "eval_accuracy" in entry)
+    return next((entry for entry in logged if entry.get("step") == state.global_step), None)
+
+
 def train_and_evaluate(
     settings: Settings,
     output_dir: str | Path,
@@ -80,7 +88,7 @@ def train_and_evaluate(
     train_started = perf_counter()
     train_output = trainer.train()
     train_seconds = perf_counter() - train_started
-    validation = trainer.evaluate()
+    validation = final_validation(trainer) or trainer.evaluate()
     test_started = perf_counter()
     test = trainer.evaluate(tokenized["test"], metric_key_prefix="test")
     test_seconds = perf_counter() - test_started
