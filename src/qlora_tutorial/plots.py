@@ -71,18 +71,25 @@ def plot_weight_memory(rows: Sequence[Mapping[str, float]]) -> Figure:
     return fig
 
 
+def percent_lines_over_powers_of_two(
+    x: Sequence[int], series: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str
+) -> Figure:
+    """One line per series of fractions, drawn in percent over an x axis of powers of two (ranks, block sizes)."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, values in series.items():
+        axis.plot(x, [100 * value for value in values], marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(list(x), [str(value) for value in x])
+    axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
 def plot_trainable_share(ranks: Sequence[int], shares: Mapping[str, Sequence[float]], title: str) -> Figure:
     """Notebook 03: trainable share of parameters (%) against the LoRA rank, one line per target set."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, values in shares.items():
-        ax.plot(ranks, [100 * v for v in values], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(ranks), [str(r) for r in ranks])
-    ax.set(xlabel="LoRA rank r", ylabel="trainable parameters (% of all)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return percent_lines_over_powers_of_two(ranks, shares, "LoRA rank r", "trainable parameters (% of all)", title)
 
 
 def plot_padding_comparison(tokens_per_batch: dict[str, float], ms_per_step: dict[str, float]) -> Figure:
@@ -210,16 +217,8 @@ def plot_error_by_data_type(errors: Mapping[str, float], title: str) -> Figure:
 
 def plot_error_by_block_size(block_sizes: Sequence[int], errors: Mapping[str, Sequence[float]], title: str) -> Figure:
     """Notebook 01: reconstruction error (%) against the block size, one line per data type."""
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for label, values in errors.items():
-        axis.plot(block_sizes, [100 * value for value in values], marker="o", label=label)
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(list(block_sizes), [str(size) for size in block_sizes])
-    axis.set(xlabel="block size (values per absmax)", ylabel="relative error ||W - Ŵ|| / ||W|| (%)", title=title)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    return figure
+    ylabel = "relative error ||W - Ŵ|| / ||W|| (%)"
+    return percent_lines_over_powers_of_two(block_sizes, errors, "block size (values per absmax)", ylabel, title)
 
 
 def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> Figure:
