@@ -2,8 +2,10 @@
 
 Prints the versions of the pinned stack, the GPU and its compute capability,
 bf16 support, whether bitsandbytes 4-bit really works here (a tiny NF4
-quantize/dequantize round trip, not an import check), the profile a run would
-pick, and one verdict line. Run it at the door of a workshop.
+quantize/dequantize round trip, not an import check), whether the CPU lists
+``avx512_bf16`` and whether the series' guard against bitsandbytes' CPU
+repacking holds (notebook 02), the profile a run would pick, and one verdict
+line. Run it at the door of a workshop.
 """
 
 from __future__ import annotations
@@ -74,6 +76,33 @@ def bitsandbytes_check(device: str) -> Check:
     return Check("bitsandbytes 4-bit", f"NF4 round trip on {device}, max relative error {error:.3f}", ok)
 
 
+def guard_holds() -> bool:
+    """A guarded NF4 layer keeps its standard layout through an eval-mode forward pass without gradients."""
+    import bitsandbytes as bnb
+
+    from qlora_tutorial.cpu_packing import keep_standard_layout, standard_layout_kept
+
+    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    keep_standard_layout(layer).eval()
+    with torch.no_grad():
+        layer(torch.ones(1, 64))
+    return standard_layout_kept(layer)
+
+
+def cpu_packing_check() -> Check:
+    """The CPU's ``avx512_bf16`` flag, whether bitsandbytes would repack here, and whether the guard holds."""
+    from qlora_tutorial.cpu_packing import CPU_FLAG, bitsandbytes_packs_here, cpu_lists_avx512_bf16
+
+    listed = "listed" if cpu_lists_avx512_bf16() else "not listed"
+    packs = "live (unguarded layers repack)" if bitsandbytes_packs_here() else "off on this CPU"
+    try:
+        holds = guard_holds()
+    except Exception as failure:  # the doctor reports every failure as a finding, never raises
+        return Check("CPU packing guard", f"{CPU_FLAG} {listed}; the check failed: {failure}", False)
+    guard = "active" if holds else "NOT holding: 4-bit weights repack in eval passes"
+    return Check("CPU packing guard", f"{CPU_FLAG} {listed}, bitsandbytes' packed path {packs}; guard {guard}", holds)
+
+
 def gpu_checks() -> list[Check]:
     """CUDA availability, the GPU, its compute capability and bf16 support."""
     if not torch.cuda.is_available():
@@ -101,7 +130,7 @@ def profile_check() -> Check:
 def run_checks() -> list[Check]:
     """Every check, in report order."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return version_checks() + gpu_checks() + [bitsandbytes_check(device), profile_check()]
+    return version_checks() + gpu_checks() + [bitsandbytes_check(device), cpu_packing_check(), profile_check()]
 
 
 def verdict(checks: list[Check]) -> str:

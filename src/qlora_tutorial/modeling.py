@@ -6,6 +6,8 @@ trap) and 03 (``LoraConfig``, ``prepare_model_for_kbit_training``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 import bitsandbytes as bnb
@@ -17,11 +19,11 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    set_seed,
 )
 
+from qlora_tutorial.cpu_packing import keep_standard_layout
 from qlora_tutorial.data import LABEL_NAMES, id2label, label2id
-from qlora_tutorial.settings import Settings
+from qlora_tutorial.settings import SEED, Settings
 from qlora_tutorial.sources import resolve_model_path
 
 HEAD_MODULES = ("classifier",)
@@ -115,6 +117,17 @@ def check_head_not_quantized(model: PreTrainedModel) -> None:
         )
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block on a forked random state seeded with ``seed``.
+
+    The initialisation inside is reproducible, and the caller's random numbers stay as they were.
+    """
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_tokenizer(settings: Settings) -> PreTrainedTokenizerBase:
     """The tokenizer of the profile's model."""
     return AutoTokenizer.from_pretrained(resolve_model_path(settings.model_name), revision=settings.model_revision)
@@ -128,25 +141,27 @@ def load_classifier(
 ) -> PreTrainedModel:
     """Load the sequence classifier for AG News at ``precision``.
 
-    The head is new and randomly initialised (seeded by the profile), and kept
-    out of quantization. Safetensors only; a Hub token, if any, comes from the
-    environment (``HF_TOKEN``).
+    The head is new and randomly initialised from the profile's seed, on a
+    forked random state so the caller's RNGs are left as they were. It is kept
+    out of quantization. 4-bit layers are guarded against bitsandbytes' CPU
+    repacking (``cpu_packing.keep_standard_layout``) before any forward pass.
+    Safetensors only; a Hub token, if any, comes from the environment (``HF_TOKEN``).
     """
     precision = parse_precision(precision)
-    set_seed(settings.profile.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(settings.model_name),
-        revision=settings.model_revision,
-        num_labels=len(LABEL_NAMES),
-        id2label=id2label(),
-        label2id=label2id(),
-        quantization_config=quantization_config(precision, settings.compute_dtype, skip_modules=skip_modules),
-        dtype=storage_dtype(precision, settings.compute_dtype),
-        use_safetensors=True,
-    )
+    with seeded(settings.profile.seed):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(settings.model_name),
+            revision=settings.model_revision,
+            num_labels=len(LABEL_NAMES),
+            id2label=id2label(),
+            label2id=label2id(),
+            quantization_config=quantization_config(precision, settings.compute_dtype, skip_modules=skip_modules),
+            dtype=storage_dtype(precision, settings.compute_dtype),
+            use_safetensors=True,
+        )
     if skip_modules is not None:
         check_head_not_quantized(model)
-    return model
+    return keep_standard_layout(model)
 
 
 def reference_lora_config(
@@ -169,19 +184,25 @@ def is_quantized_model(model: PreTrainedModel) -> bool:
     return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
-def attach_lora(model: PreTrainedModel, config: LoraConfig | None = None) -> PeftModel:
+def attach_lora(model: PreTrainedModel, config: LoraConfig | None = None, *, seed: int = SEED) -> PeftModel:
     """Wrap ``model`` with LoRA adapters; k-bit bases go through ``prepare_model_for_kbit_training`` first.
+
+    ``A`` starts random (``B`` at zero, notebook 03); ``seed`` makes that draw reproducible.
 
     Gradient checkpointing stays off: at max length 128 the activations are
     small, and recomputing them would slow training for no memory that matters.
+    The CPU-repacking guard is (re)applied, so a base loaded some other way is
+    covered too.
     """
     if is_quantized_model(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, config or reference_lora_config())
+    with seeded(seed):
+        adapted = get_peft_model(model, config or reference_lora_config())
+    return keep_standard_layout(adapted)
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: str) -> PeftModel:
-    """Load a saved adapter (and its trained head) onto a freshly loaded base, for inference."""
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    """Load a saved adapter (and its trained head) onto a freshly loaded base, for inference (guard applied)."""
+    model = keep_standard_layout(PeftModel.from_pretrained(base, adapter_dir))
     model.eval()
     return model

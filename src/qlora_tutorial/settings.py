@@ -20,6 +20,7 @@ PROFILE_ENV = "QLORA_PROFILE"
 MODEL_ENV = "QLORA_MODEL"
 DATA_DIR_ENV = "QLORA_DATA_DIR"
 RUNS_DIR_ENV = "QLORA_RUNS_DIR"
+SEED = 42  # every profile's seed: the head and adapter initialisation, the split, the Trainer
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Profile:
     eval_batch_size: int = 64
     warmup_ratio: float = 0.06  # a float below 1 is a share of the steps for warmup_steps
     weight_decay: float = 0.01
-    seed: int = 42
+    seed: int = SEED
 
 
 PROFILES: dict[str, Profile] = {
