@@ -6,8 +6,7 @@ trap) and 03 (``LoraConfig``, ``prepare_model_for_kbit_training``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
 from enum import Enum
 
 import bitsandbytes as bnb
@@ -19,11 +18,12 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    set_seed,
 )
 
 from qlora_tutorial.cpu_packing import keep_standard_layout
 from qlora_tutorial.data import LABEL_NAMES, id2label, label2id
-from qlora_tutorial.settings import SEED, Settings
+from qlora_tutorial.settings import Settings
 from qlora_tutorial.sources import resolve_model_path
 
 HEAD_MODULES = ("classifier",)
@@ -117,17 +117,6 @@ def check_head_not_quantized(model: PreTrainedModel) -> None:
         )
 
 
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run the block on a forked random state seeded with ``seed``.
-
-    The initialisation inside is reproducible, and the caller's random numbers stay as they were.
-    """
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        torch.manual_seed(seed)
-        yield
-
-
 def load_tokenizer(settings: Settings) -> PreTrainedTokenizerBase:
     """The tokenizer of the profile's model."""
     return AutoTokenizer.from_pretrained(resolve_model_path(settings.model_name), revision=settings.model_revision)
@@ -141,24 +130,24 @@ def load_classifier(
 ) -> PreTrainedModel:
     """Load the sequence classifier for AG News at ``precision``.
 
-    The head is new and randomly initialised from the profile's seed, on a
-    forked random state so the caller's RNGs are left as they were. It is kept
-    out of quantization. 4-bit layers are guarded against bitsandbytes' CPU
+    The head is new and randomly initialised (seeded by the profile: every
+    global RNG is reseeded, so the adapters attached next start the same way
+    too), and kept out of quantization. 4-bit layers are guarded against bitsandbytes' CPU
     repacking (``cpu_packing.keep_standard_layout``) before any forward pass.
     Safetensors only; a Hub token, if any, comes from the environment (``HF_TOKEN``).
     """
     precision = parse_precision(precision)
-    with seeded(settings.profile.seed):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(settings.model_name),
-            revision=settings.model_revision,
-            num_labels=len(LABEL_NAMES),
-            id2label=id2label(),
-            label2id=label2id(),
-            quantization_config=quantization_config(precision, settings.compute_dtype, skip_modules=skip_modules),
-            dtype=storage_dtype(precision, settings.compute_dtype),
-            use_safetensors=True,
-        )
+    set_seed(settings.profile.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(settings.model_name),
+        revision=settings.model_revision,
+        num_labels=len(LABEL_NAMES),
+        id2label=id2label(),
+        label2id=label2id(),
+        quantization_config=quantization_config(precision, settings.compute_dtype, skip_modules=skip_modules),
+        dtype=storage_dtype(precision, settings.compute_dtype),
+        use_safetensors=True,
+    )
     if skip_modules is not None:
         check_head_not_quantized(model)
     return keep_standard_layout(model)
@@ -184,10 +173,8 @@ def is_quantized_model(model: PreTrainedModel) -> bool:
     return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
-def attach_lora(model: PreTrainedModel, config: LoraConfig | None = None, *, seed: int = SEED) -> PeftModel:
+def attach_lora(model: PreTrainedModel, config: LoraConfig | None = None) -> PeftModel:
     """Wrap ``model`` with LoRA adapters; k-bit bases go through ``prepare_model_for_kbit_training`` first.
-
-    ``A`` starts random (``B`` at zero, notebook 03); ``seed`` makes that draw reproducible.
 
     Gradient checkpointing stays off: at max length 128 the activations are
     small, and recomputing them would slow training for no memory that matters.
@@ -195,10 +182,10 @@ def attach_lora(model: PreTrainedModel, config: LoraConfig | None = None, *, see
     covered too.
     """
     if is_quantized_model(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    with seeded(seed):
-        adapted = get_peft_model(model, config or reference_lora_config())
-    return keep_standard_layout(adapted)
+        with warnings.catch_warnings():  # PEFT 0.21 calls a transformers 5 method that warns of its own rename
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return keep_standard_layout(get_peft_model(model, config or reference_lora_config()))
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: str) -> PeftModel:
