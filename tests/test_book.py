@@ -1,14 +1,17 @@
-"""The Jupyter Book's wiring (no build): the notebooks in the TOC, the Colab links, and the quoted error messages.
+"""The Jupyter Book's wiring: the notebooks in the TOC, the Colab links, offline pages, and the quoted error messages.
 
 `make book` builds the book with warnings as errors; these tests check what a
-build cannot: that the Colab launch buttons open the real notebooks on GitHub,
-and that every error message the troubleshooting page quotes is still the one
-the code raises with the pinned stack.
+build does not: that the Colab launch buttons open the real notebooks on
+GitHub, that the built book needs no network (formulas and badges come from the
+build, not from a CDN), and that every error message the troubleshooting page
+quotes is still the one the code raises with the pinned stack.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
+import subprocess
 import sys
 import warnings
 from dataclasses import replace
@@ -16,6 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 import bitsandbytes as bnb
+import nbformat
 import pandas as pd
 import pytest
 import torch
@@ -29,7 +33,9 @@ from qlora_tutorial.settings import Settings, compute_dtype_for, get_profile, lo
 REPO = Path(__file__).resolve().parent.parent
 BOOK = REPO / "book"
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(BOOK / "_ext"))
 
+from local_colab_badge import LOCAL_BADGE, REMOTE_BADGE  # noqa: E402
 from notebook_io import series  # noqa: E402
 
 CONFIG = yaml.safe_load((BOOK / "_config.yml").read_text(encoding="utf-8"))
@@ -79,6 +85,48 @@ def test_colab_launch_button_opens_the_notebook_itself(page: str) -> None:
     target = REPO / in_repository
     assert in_repository.startswith("notebooks/"), in_repository
     assert target.is_file() and not any(parent.is_symlink() for parent in [target, *target.parents])
+
+
+def test_math_is_served_by_the_book_not_a_cdn() -> None:
+    """sphinx-mathjax-offline copies MathJax into the build; without it the formulas load from a CDN."""
+    assert "sphinx-mathjax-offline" in CONFIG["sphinx"]["extra_extensions"]
+    assert "mathjax_path" not in CONFIG["sphinx"].get("config", {}), "a mathjax_path here would override the extension"
+
+
+def test_every_notebook_badge_is_the_one_the_book_serves_locally() -> None:
+    """The extension swaps exactly Colab's badge URL for the local SVG: another URL would stay broken offline."""
+    assert CONFIG["sphinx"]["local_extensions"] == {"local_colab_badge": "_ext"}
+    assert (BOOK / LOCAL_BADGE.lstrip("/")).is_file()
+    for path in series():
+        first = nbformat.read(path, as_version=4).cells[0]
+        assert "(https://colab.research.google.com/github/" in first.source, path.name
+        assert f"]({REMOTE_BADGE})" in first.source, path.name
+
+
+@pytest.mark.slow
+def test_built_book_works_offline(tmp_path: Path) -> None:
+    """Build the book as `make book` does and check its pages load nothing from another host.
+
+    Every script is a local file of the build (MathJax included), every badge
+    image is the local copy, and the badges still link to Colab.
+    """
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    command = [str(jupyter_book), "build", str(BOOK), "--path-output", str(tmp_path)]
+    subprocess.run([*command, "--warningiserror", "--nitpick", "--keep-going"], check=True, capture_output=True)
+    html = tmp_path / "_build" / "html"
+    pages = {path: path.read_text(encoding="utf-8") for path in html.rglob("*.html")}
+    scripts = {(path, src) for path, text in pages.items() for src in re.findall(r'<script[^>]*src="([^"]+)"', text)}
+    assert not [src for _, src in scripts if re.match(r"(https?:)?//", src)]
+    mathjax = [(path, src) for path, src in scripts if "mathjax" in src.lower()]
+    assert mathjax, "no page loads MathJax: the formulas would not render"
+    assert all((path.parent / src.split("?")[0]).is_file() for path, src in mathjax)
+    for path in series():
+        page = pages[html / "notebooks" / f"{path.stem}.html"]
+        badges = re.findall(r'<a[^>]*href="([^"]+)"[^>]*><img alt="Open In Colab" src="([^"]+)"', page)
+        assert badges, path.name
+        for link, src in badges:
+            assert link.startswith("https://colab.research.google.com/github/"), link
+            assert not re.match(r"(https?:)?//", src) and (html / "notebooks" / src).resolve().is_file(), src
 
 
 def quoted(message: str) -> bool:

@@ -1,35 +1,78 @@
 """Plots the notebooks show, one function per figure; each returns its matplotlib ``Figure``.
 
 Every function names the notebook that uses it. They only draw what they are
-given: the numbers come from the other modules.
+given: the numbers come from the other modules. The axes are chosen so that a
+figure cannot overstate a result: bars and losses start at zero (or the chance
+level is drawn), a scale is linear unless the data span powers of ten, and a
+log scale is said in the axis label.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator, PercentFormatter
 from sklearn.metrics import confusion_matrix
 
+from qlora_tutorial.data import LABEL_NAMES
+from qlora_tutorial.projection import PAPER_65B_QLORA_BOUND_GB, get_shape
+from qlora_tutorial.quantization import bits_per_parameter
 
-def plot_dequantization_error(original: np.ndarray, restored: np.ndarray, title: str) -> Figure:
-    """Notebook 02: a 4-bit layer's dequantized weights against the originals, and the error histogram."""
+# Cross-entropy of a uniform guess over the topics (ln 4 = 1.386 nats): a loss at this line has learned nothing.
+CHANCE_LOSS = math.log(len(LABEL_NAMES))
+CHANCE_ACCURACY = 1 / len(LABEL_NAMES)
+# Two reference lines closer than this factor would print their labels over each other (log-scale memory axis).
+_CLOSE_LINES = 1.35
+
+
+def _chance_line(axis: Axes, level: float, text: str) -> None:
+    """A dotted horizontal line at the chance level, in the legend as ``text``."""
+    axis.axhline(level, color="gray", linestyle=":", linewidth=1.2, label=text)
+
+
+def _loss_axis(axis: Axes, highest: float) -> None:
+    """A loss axis from zero, high enough for the chance line and the highest loss drawn."""
+    _chance_line(axis, CHANCE_LOSS, f"chance: ln {len(LABEL_NAMES)} = {CHANCE_LOSS:.3f}")
+    axis.set_ylim(0, 1.1 * max(highest, CHANCE_LOSS))
+
+
+def plot_dequantization_error(original: np.ndarray, restored: np.ndarray, title: str, block_size: int = 64) -> Figure:
+    """Notebook 02: one block's 4-bit staircase, and the error histogram of the whole layer.
+
+    Left: the first block of ``block_size`` weights (the tensor flattened, as
+    bitsandbytes cuts it), dequantized against original. Every weight of a
+    block snaps to one of the 16 levels of the code book times the block's
+    absmax, so the points form a staircase around the no-error line; the
+    levels the block uses are drawn. Right: the error of every weight.
+    """
     original, restored = np.ravel(original), np.ravel(restored)
+    block_original, block_restored = original[:block_size], restored[:block_size]
+    levels = np.unique(block_restored)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    sample = np.random.default_rng(0).choice(original.size, size=min(original.size, 5_000), replace=False)
-    left.scatter(original[sample], restored[sample], s=2, alpha=0.4, label="5,000 sampled weights")
-    low, high = float(original.min()), float(original.max())
-    left.plot([low, high], [low, high], color="black", linewidth=0.8, label="no error (y = x)")
+    for index, level in enumerate(levels):
+        label = f"the {len(levels)} levels this block uses (of 16)" if index == 0 else None
+        left.axhline(level, color="tab:gray", linewidth=0.6, alpha=0.6, label=label)
+    low, high = float(block_original.min()), float(block_original.max())
+    left.plot([low, high], [low, high], color="black", linestyle="--", linewidth=0.8, label="no error (y = x)")
+    left.scatter(block_original, block_restored, s=14, color="tab:blue", zorder=3, label=f"the {block_size} weights")
     left.set(
         xlabel="original weight (fp32)",
         ylabel="dequantized weight (fp32)",
-        title="Dequantized against original weights",
+        title=f"One block of {block_size} weights: each snaps to a level",
     )
-    left.legend(loc="upper left")
+    left.legend(loc="upper left", fontsize=8)
     right.hist(restored - original, bins=100, color="tab:orange")
-    right.set(xlabel="dequantized - original", ylabel="number of weights", title="Quantization error")
+    right.set(
+        xlabel="dequantized - original",
+        ylabel="number of weights",
+        title=f"Quantization error, all {original.size:,} weights",
+    )
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -39,18 +82,28 @@ def plot_weight_memory(rows: Sequence[Mapping[str, float]]) -> Figure:
     """Notebook 02: stacked weight memory (MiB) by precision, with ``get_memory_footprint()`` marked.
 
     Each row holds ``precision``, ``unquantized_mib``, ``quantized_mib``, ``state_mib`` and ``footprint_mib``.
+    A precision with no quantized weights (fp32, bf16, fp16) is one bar of every parameter; in a quantized
+    model the unquantized part is only what bitsandbytes leaves alone, so the two get their own colours.
     """
     names = [str(row["precision"]) for row in rows]
     x = np.arange(len(rows))
+    quantized = np.array([float(row["quantized_mib"]) > 0 for row in rows])
+    unquantized = np.array([float(row["unquantized_mib"]) for row in rows])
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    bottom = np.zeros(len(rows))
-    for key, label in (
-        ("unquantized_mib", "unquantized (embeddings, LayerNorm, biases, head)"),
-        ("quantized_mib", "quantized weights (packed)"),
-        ("state_mib", "quantization state (absmax, code books)"),
+    ax.bar(x[~quantized], unquantized[~quantized], color="tab:gray", label="every parameter, none quantized")
+    ax.bar(
+        x[quantized],
+        unquantized[quantized],
+        color="tab:blue",
+        label="left unquantized (embeddings, LayerNorm, biases, head)",
+    )
+    bottom = unquantized.copy()
+    for key, label, color in (
+        ("quantized_mib", "quantized linear weights", "tab:orange"),
+        ("state_mib", "quantization state (absmax, code books)", "tab:green"),
     ):
         values = np.array([float(row[key]) for row in rows])
-        ax.bar(x, values, bottom=bottom, label=label)
+        ax.bar(x[quantized], values[quantized], bottom=bottom[quantized], color=color, label=label)
         bottom += values
     footprint = [float(row["footprint_mib"]) for row in rows]
     ax.scatter(x, footprint, marker="_", s=900, color="black", zorder=3, label="get_memory_footprint()")
@@ -66,30 +119,33 @@ def plot_weight_memory(rows: Sequence[Mapping[str, float]]) -> Figure:
         )
     ax.set_xticks(x, names)
     ax.set(xlabel="precision", ylabel="weight memory (MiB)", title="Weight memory by precision")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, 1.3 * float(bottom.max()))
+    ax.legend(loc="upper right", fontsize=8, markerscale=0.4)
     fig.tight_layout()
     return fig
 
 
-def percent_lines_over_powers_of_two(
-    x: Sequence[int], series: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str
-) -> Figure:
-    """One line per series of fractions, drawn in percent over an x axis of powers of two (ranks, block sizes)."""
-    figure, axis = plt.subplots(figsize=(7, 4))
+def _percent_lines(axis: Axes, x: Sequence[int], series: Mapping[str, Sequence[float]]) -> None:
+    """One line per series of fractions, drawn in percent, with a tick at every x."""
     for label, values in series.items():
         axis.plot(x, [100 * value for value in values], marker="o", label=label)
-    axis.set_xscale("log", base=2)
     axis.set_xticks(list(x), [str(value) for value in x])
-    axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    return figure
 
 
 def plot_trainable_share(ranks: Sequence[int], shares: Mapping[str, Sequence[float]], title: str) -> Figure:
-    """Notebook 03: trainable share of parameters (%) against the LoRA rank, one line per target set."""
-    return percent_lines_over_powers_of_two(ranks, shares, "LoRA rank r", "trainable parameters (% of all)", title)
+    """Notebook 03: trainable share of parameters (%) against the LoRA rank, one line per target set.
+
+    Both axes are linear, so the adapters' growth, linear in r, shows as a straight line.
+    """
+    figure, axis = plt.subplots(figsize=(7, 4))
+    _percent_lines(axis, ranks, shares)
+    axis.set_xlim(0, 1.05 * max(ranks))
+    axis.set(xlabel="LoRA rank r", ylabel="trainable parameters (% of all)", title=title)
+    figure.tight_layout()
+    return figure
 
 
 def plot_padding_comparison(tokens_per_batch: dict[str, float], ms_per_step: dict[str, float]) -> Figure:
@@ -110,59 +166,97 @@ def plot_padding_comparison(tokens_per_batch: dict[str, float], ms_per_step: dic
 
 
 def plot_training_curves(log_history: list[dict[str, float]], title: str = "QLoRA training") -> Figure:
-    """Notebook 04: training loss per logging step and validation accuracy per evaluation, from ``log_history``."""
+    """Notebook 04: training and validation loss, and validation accuracy, from the ``Trainer``'s ``log_history``.
+
+    Both panels start at zero and mark chance (ln 4 for the loss, 25% for the
+    accuracy), so a fall in loss is seen against where it started and where it
+    could go, not magnified by a tight axis.
+    """
     losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    accuracies = [(entry["step"], entry["eval_accuracy"]) for entry in log_history if "eval_accuracy" in entry]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.plot(*zip(*losses, strict=True), marker=".", label="training loss")
+    evaluations = [entry for entry in log_history if "eval_loss" in entry]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.plot(*zip(*losses, strict=True), marker=".", label="training loss (each logging step)")
+    if evaluations:
+        steps = [entry["step"] for entry in evaluations]
+        left.plot(steps, [entry["eval_loss"] for entry in evaluations], marker="o", label="validation loss")
+    _loss_axis(left, max(value for _, value in losses))
     left.set_xlabel("optimizer step")
     left.set_ylabel("cross-entropy loss (nats)")
-    left.set_title(f"{title}: training loss")
-    left.legend()
+    left.set_title(f"{title}: loss")
+    left.legend(fontsize=8)
+    accuracies = [(entry["step"], entry["eval_accuracy"]) for entry in log_history if "eval_accuracy" in entry]
     if accuracies:
-        right.plot(*zip(*accuracies, strict=True), marker="o", color="tab:orange", label="validation accuracy")
-        right.legend()
+        steps, values = zip(*accuracies, strict=True)
+        right.plot(steps, values, marker="o", color="tab:orange", label="validation accuracy")
+        for step, value in accuracies:
+            right.annotate(f"{value:.1%}", (step, value), xytext=(0, -14), textcoords="offset points", ha="center")
+    _chance_line(right, CHANCE_ACCURACY, f"chance: {CHANCE_ACCURACY:.0%}")
+    right.set_ylim(0, 1)
+    right.yaxis.set_major_formatter(PercentFormatter(1))
     right.set_xlabel("optimizer step")
-    right.set_ylabel("accuracy")
-    right.set_title(f"{title}: validation accuracy")
+    right.set_ylabel("validation accuracy")
+    right.set_title(f"{title}: accuracy")
+    right.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
 
 
 def plot_learning_rate_curves(histories: dict[str, list[dict[str, float]]], accuracies: dict[str, float]) -> Figure:
-    """Notebook 04: training loss per step for each learning rate, and each rate's validation accuracy after."""
+    """Notebook 04: training loss per step for each learning rate, and each rate's validation accuracy after.
+
+    The loss axis starts at zero with the chance line (ln 4): in a short sweep
+    the losses move by hundredths, and a tight axis would make that noise look
+    like learning.
+    """
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [2, 1]})
+    highest = 0.0
     for name, history in histories.items():
         steps, losses = zip(*[(entry["step"], entry["loss"]) for entry in history if "loss" in entry], strict=True)
         left.plot(steps, losses, marker=".", label=f"lr {name}")
+        highest = max(highest, *losses)
+    _loss_axis(left, highest)
     left.set_xlabel("optimizer step")
     left.set_ylabel("training loss (nats)")
     left.set_title("Training loss by learning rate")
-    left.legend()
+    left.legend(loc="lower left", fontsize=8)
     bars = right.bar([f"lr {name}" for name in accuracies], list(accuracies.values()), color="tab:orange")
-    right.bar_label(bars, fmt="%.2f")
+    right.bar_label(bars, labels=[f"{value:.0%}" for value in accuracies.values()])
+    _chance_line(right, CHANCE_ACCURACY, f"chance: {CHANCE_ACCURACY:.0%}")
     right.set_ylim(0, 1)
+    right.yaxis.set_major_formatter(PercentFormatter(1))
     right.set_ylabel("validation accuracy")
     right.set_title("After the same steps")
+    right.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     return figure
 
 
 def plot_confusion_matrix(labels: np.ndarray, predictions: np.ndarray, names: tuple[str, ...]) -> Figure:
-    """Notebook 05: the confusion matrix as counts, true topics in rows, predicted topics in columns."""
-    matrix = confusion_matrix(labels, predictions, labels=list(range(len(names))))
-    figure, axis = plt.subplots(figsize=(5, 4.5))
-    image = axis.imshow(matrix, cmap="Blues")
+    """Notebook 05: the confusion matrix with each row normalized to 100%, true topics in rows.
+
+    A cell shows the share of the true topic's texts predicted as the column's
+    topic, and their count. The colour scale is a square root, so that errors
+    of a few percent are visibly coloured next to a diagonal of 80% to 98%;
+    the colour bar shows the scale.
+    """
+    counts = confusion_matrix(labels, predictions, labels=list(range(len(names))))
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    figure, axis = plt.subplots(figsize=(5.5, 4.8))
+    image = axis.imshow(shares, cmap="Blues", norm=PowerNorm(gamma=0.5, vmin=0, vmax=1))
     for row in range(len(names)):
         for column in range(len(names)):
-            color = "white" if matrix[row, column] > matrix.max() / 2 else "black"
-            axis.text(column, row, str(matrix[row, column]), ha="center", va="center", color=color)
+            color = "white" if shares[row, column] > 0.4 else "black"
+            text = f"{shares[row, column]:.1%}\n({counts[row, column]:,})"
+            axis.text(column, row, text, ha="center", va="center", color=color, fontsize=9)
     axis.set_xticks(range(len(names)), names)
     axis.set_yticks(range(len(names)), names)
     axis.set_xlabel("predicted topic")
     axis.set_ylabel("true topic")
-    axis.set_title("Confusion matrix (test texts)")
-    figure.colorbar(image, ax=axis, label="texts")
+    axis.set_title("Confusion matrix, each row = 100%\n(test texts; counts in brackets)")
+    colorbar = figure.colorbar(image, ax=axis, label="share of the true topic's texts (square-root scale)")
+    colorbar.set_ticks([0, 0.02, 0.1, 0.25, 0.5, 0.75, 1])
+    colorbar.ax.yaxis.set_major_formatter(PercentFormatter(1, decimals=0))
     figure.tight_layout()
     return figure
 
@@ -216,56 +310,114 @@ def plot_error_by_data_type(errors: Mapping[str, float], title: str) -> Figure:
 
 
 def plot_error_by_block_size(block_sizes: Sequence[int], errors: Mapping[str, Sequence[float]], title: str) -> Figure:
-    """Notebook 01: reconstruction error (%) against the block size, one line per data type."""
-    ylabel = "relative error ||W - Ŵ|| / ||W|| (%)"
-    return percent_lines_over_powers_of_two(block_sizes, errors, "block size (values per absmax)", ylabel, title)
+    """Notebook 01: reconstruction error (%) against the block size, one line per data type, and what it costs.
+
+    The block sizes double, so the bottom axis is log 2; the top axis gives the
+    bits per parameter each block size costs (4-bit codes plus one fp32 absmax
+    per block, ``quantization.bits_per_parameter``): error against bits.
+    """
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    axis.set_xscale("log", base=2)
+    axis.xaxis.set_minor_locator(NullLocator())
+    _percent_lines(axis, block_sizes, errors)
+    axis.set(xlabel="block size (values per absmax, log scale)", ylabel="relative error ||W - Ŵ|| / ||W|| (%)")
+    bits = axis.secondary_xaxis("top")
+    bits.set_xticks(list(block_sizes), [f"{bits_per_parameter(size):.3f}" for size in block_sizes])
+    bits.xaxis.set_minor_locator(NullLocator())
+    bits.set_xlabel("bits per parameter (4-bit code + fp32 absmax per block, no double quantization)")
+    axis.set_title(title)
+    figure.tight_layout()
+    return figure
 
 
 def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> Figure:
-    """Notebook 06: weight and peak training memory (MiB) beside validation and test accuracy, one bar per method.
+    """Notebook 06: weight memory, peak training memory and accuracy, each on its own axis, one bar group per method.
 
-    Each row holds ``method``, ``weight_mib``, ``peak_mib``, ``validation_accuracy`` and ``test_accuracy``
-    (``comparison.comparison_row``); rows without them (inference-only) are left out.
+    Each row holds ``method``, ``weight_mib``, ``peak_mib``, ``peak_kind``, ``validation_accuracy`` and
+    ``test_accuracy`` (``comparison.comparison_row``); rows without a peak (inference-only) are left out.
+    Weights and peak memory get separate panels: on one axis the tens of MiB of weights would vanish next to a
+    peak of over a GiB.
     """
     rows = [row for row in rows if row.get("peak_mib") is not None]
     names = [str(row["method"]).replace(" (", "\n(") for row in rows]
+    kinds = " / ".join(sorted({str(row["peak_kind"]) for row in rows}))
     x = np.arange(len(rows))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for axis, keys, ylabel, subtitle in (
-        (left, (("weight_mib", "weights"), ("peak_mib", "peak training memory")), "memory (MiB)", "Memory"),
-        (right, (("validation_accuracy", "validation"), ("test_accuracy", "test")), "accuracy", "Accuracy"),
+    figure, (weights, peak, accuracy) = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
+    for axis, key, ylabel, subtitle, color in (
+        (weights, "weight_mib", "weight memory (MiB)", "Weights (quantization state included)", "tab:blue"),
+        (peak, "peak_mib", f"peak memory, {kinds} (MiB)", "Peak memory while training", "tab:red"),
     ):
-        for offset, (key, label) in zip((-0.2, 0.2), keys, strict=True):
-            values = [float(row[key]) for row in rows]
-            bars = axis.bar(x + offset, values, width=0.4, label=label)
-            axis.bar_label(bars, fmt="%.0f" if key.endswith("mib") else "%.2f", fontsize=8)
+        bars = axis.bar(x, [float(row[key]) for row in rows], color=color)
+        axis.bar_label(bars, fmt="%.0f", fontsize=8)
+        axis.set(ylabel=ylabel, title=subtitle)
+        axis.margins(y=0.12)
+    keys = (("validation_accuracy", "validation"), ("test_accuracy", "test"))
+    for offset, (key, label) in zip((-0.2, 0.2), keys, strict=True):
+        bars = accuracy.bar(x + offset, [float(row[key]) for row in rows], width=0.4, label=label)
+        accuracy.bar_label(bars, fmt="%.2f", fontsize=8)
+    _chance_line(accuracy, CHANCE_ACCURACY, f"chance: {CHANCE_ACCURACY:.0%}")
+    accuracy.set_ylim(0, 1.05)
+    accuracy.set(ylabel="accuracy", title="Accuracy")
+    accuracy.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8)
+    for axis in (weights, peak, accuracy):
         axis.set_xticks(x, names, fontsize=8)
-        axis.set(xlabel="method", ylabel=ylabel, title=subtitle)
-        axis.margins(y=0.15)
-        axis.legend(loc="lower right" if axis is right else "upper right")
-    right.set_ylim(0, 1.05)
     figure.suptitle(title)
-    figure.tight_layout()
     return figure
+
+
+def _memory_line(axis: Axes, memory: float, text: str, above: bool, **style: object) -> None:
+    """A horizontal memory line across the plot, its label in the right margin above or below it."""
+    axis.axhline(memory, linewidth=0.9, **style)
+    axis.annotate(
+        f" {text}",
+        (1, memory),
+        xycoords=("axes fraction", "data"),
+        va="bottom" if above else "top",
+        ha="left",
+        fontsize=8,
+        annotation_clip=False,
+    )
 
 
 def plot_memory_projection(
     sizes: Sequence[str], gigabytes: Mapping[str, Sequence[float]], gpus: Mapping[str, float], title: str
 ) -> Figure:
-    """Notebook 06: projected training memory (GB, log scale) by model size, one line per method, GPUs as lines."""
-    figure, axis = plt.subplots(figsize=(9, 5))
+    """Notebook 06: projected training memory (GB) against parameter count, one line per method, GPUs as lines.
+
+    ``sizes`` are names from ``projection.LLAMA_SHAPES``; each is placed at its
+    real parameter count, so both axes are numeric and log scale, and a method
+    whose memory is proportional to the parameters is a straight line of slope
+    one. GPUs with the same memory share a line; the QLoRA paper's 48 GB (65B
+    on one GPU) is drawn too. Labels sit in the right margin, below their line
+    when the next line up is too close.
+    """
+    parameters = [get_shape(size).parameters for size in sizes]
+    figure, axis = plt.subplots(figsize=(10, 5.5), layout="constrained")
     for method, values in gigabytes.items():
-        axis.plot(sizes, values, marker="o", label=method)
-    seen: dict[float, list[str]] = {}
+        axis.plot(parameters, values, marker="o", label=method)
+    names_by_memory: dict[float, list[str]] = {}
     for gpu, memory in gpus.items():
-        seen.setdefault(memory, []).append(gpu)
-    for memory, names in seen.items():
-        axis.axhline(memory, color="gray", linestyle="--", linewidth=0.8)
-        axis.text(len(sizes) - 1, memory, f" {' / '.join(names)} ({memory:g} GB)", va="bottom", ha="right", fontsize=8)
+        names_by_memory.setdefault(float(memory), []).append(gpu)
+    lines = {memory: f"{' / '.join(names)} ({memory:g} GB)" for memory, names in names_by_memory.items()}
+    paper = float(PAPER_65B_QLORA_BOUND_GB)
+    paper_text = f"{paper:g} GB: the QLoRA paper's one GPU for 65B"
+    lines[paper] = f"{lines[paper]}; {paper_text}" if paper in lines else paper_text
+    heights = sorted(lines)
+    for index, memory in enumerate(heights):
+        above = index + 1 == len(heights) or heights[index + 1] > _CLOSE_LINES * memory
+        style = {"color": "tab:red", "linestyle": "-."} if memory == paper else {"color": "gray", "linestyle": "--"}
+        _memory_line(axis, memory, lines[memory], above, **style)
+    axis.set_xscale("log")
     axis.set_yscale("log")
-    axis.set(xlabel="model size (LLaMA shapes)", ylabel="training memory without activations (GB, log scale)")
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.set_xticks(
+        parameters, [f"{size}\n({count / 1e9:.2f}B)" for size, count in zip(sizes, parameters, strict=True)]
+    )
+    axis.set(
+        xlabel="parameters (log scale; LLaMA shapes, named size and exact count)",
+        ylabel="training memory without activations (GB, log scale)",
+    )
     axis.set_title(title)
     axis.grid(alpha=0.3, which="both", axis="y")
     axis.legend(loc="upper left")
-    figure.tight_layout()
     return figure
