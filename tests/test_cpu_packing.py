@@ -210,3 +210,9 @@ def test_doctor_fails_when_the_guard_does_not_hold(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(cpu_packing, "keep_standard_layout", lambda layer: layer)
     check = doctor.cpu_packing_check()
     assert not check.ok and "NOT holding" in check.found
+
+
+def test_guard_covers_a_quantized_head_that_never_got_a_state(tiny_settings: Settings) -> None:
+    trapped = load_classifier(tiny_settings, "nf4", skip_modules=None)  # the classifier-head trap of notebook 02
+    assert not is_packed_for_cpu(trapped.classifier)
+    assert standard_layout_kept(trapped)

@@ -61,8 +61,12 @@ def linear4bit_layers(module: torch.nn.Module) -> list[bnb.nn.Linear4bit]:
 
 
 def is_packed_for_cpu(layer: bnb.nn.Linear4bit) -> bool:
-    """True once bitsandbytes has repacked this layer's weight into its CPU inference layout."""
-    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+    """True once bitsandbytes has repacked this layer's weight into its CPU inference layout.
+
+    A layer whose weight was never quantized (the classifier-head trap of notebook 02) has no state, so no packing.
+    """
+    state = getattr(layer.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
 
 
 def keep_standard_layout(module: ModuleT) -> ModuleT:

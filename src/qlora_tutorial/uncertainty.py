@@ -1,0 +1,145 @@
+"""Intervals, paired tests and the verdict rule behind every comparison the series states.
+
+Taught in notebook 06. One run on a shared machine is noisy, and 7,600 test
+texts still leave an accuracy uncertain by about a point, so no comparison is
+stated from two bare numbers. Accuracies get a 95% Wilson interval, macro-F1 a
+bootstrap one, two models on the same test rows McNemar's exact test, and
+timings their median and interquartile range. A verdict follows one rule:
+a difference counts only when the intervals (or the test) say it is not noise;
+otherwise it is "not settled".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binomtest, norm
+from sklearn.metrics import f1_score
+
+CONFIDENCE = 0.95
+SIGNIFICANCE = 0.05
+NOT_SETTLED = "not settled"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with the bounds of its confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.2%} [{self.low:.2%}, {self.high:.2%}]"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median of repeated measurements and their interquartile range."""
+
+    median: float
+    q1: float
+    q3: float
+    count: int
+
+    def format(self, unit: str, digits: int = 3) -> str:
+        """``0.812 s (IQR 0.790-0.840, n=180)``."""
+        return f"{self.median:.{digits}f} {unit} (IQR {self.q1:.{digits}f}-{self.q3:.{digits}f}, n={self.count})"
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's exact test on two models' correctness over the same rows."""
+
+    only_first_right: int
+    only_second_right: int
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        """True when the two error rates differ at the 5% level."""
+        return self.p_value < SIGNIFICANCE
+
+
+def accuracy_interval(correct: Sequence[bool] | np.ndarray, confidence: float = CONFIDENCE) -> Interval:
+    """Accuracy with its Wilson score interval (well-behaved near 0 and 1, unlike the normal approximation)."""
+    hits = np.asarray(correct, dtype=bool)
+    if hits.size == 0:
+        raise ValueError("No predictions to score: pass one correctness flag per test row.")
+    n, p = hits.size, float(hits.mean())
+    z = float(norm.ppf(0.5 + confidence / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def macro_f1_interval(
+    labels: Sequence[int] | np.ndarray,
+    predictions: Sequence[int] | np.ndarray,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> Interval:
+    """Macro-F1 with a percentile bootstrap interval over the test rows (seeded, so it reproduces)."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if labels.shape != predictions.shape or labels.size == 0:
+        raise ValueError(f"Need one prediction per label, got {labels.size} labels and {predictions.size} predictions.")
+    rows = np.random.default_rng(seed).integers(0, labels.size, size=(resamples, labels.size))
+    scores = [f1_score(labels[sample], predictions[sample], average="macro") for sample in rows]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(scores, [tail, 100 - tail])
+    return Interval(float(f1_score(labels, predictions, average="macro")), float(low), float(high))
+
+
+def mcnemar(first_correct: Sequence[bool] | np.ndarray, second_correct: Sequence[bool] | np.ndarray) -> PairedTest:
+    """McNemar's exact test: whether two models, scored on the same rows, make errors at different rates.
+
+    Only the rows where exactly one model is right carry information; under
+    "no difference" each of them is a fair coin, hence a two-sided binomial test.
+    """
+    first, second = np.asarray(first_correct, dtype=bool), np.asarray(second_correct, dtype=bool)
+    if first.shape != second.shape:
+        raise ValueError(f"McNemar needs the same rows for both models, got {first.size} and {second.size}.")
+    only_first, only_second = int((first & ~second).sum()), int((~first & second).sum())
+    discordant = only_first + only_second
+    p_value = 1.0 if discordant == 0 else float(binomtest(only_first, discordant, 0.5).pvalue)
+    return PairedTest(only_first, only_second, p_value)
+
+
+def spread(values: Sequence[float] | np.ndarray) -> Spread:
+    """Median and interquartile range of repeated measurements."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        raise ValueError("No measurements: time at least one step or one text.")
+    q1, median, q3 = np.percentile(array, [25, 50, 75])
+    return Spread(float(median), float(q1), float(q3), int(array.size))
+
+
+def faster(first: Spread, second: Spread, first_name: str, second_name: str) -> str:
+    """The verdict on two timings: the faster one only when their interquartile ranges do not overlap."""
+    if first.q3 < second.q1:
+        return f"{first_name} faster"
+    if second.q3 < first.q1:
+        return f"{second_name} faster"
+    return NOT_SETTLED
+
+
+def smaller(first: float, second: float, first_name: str, second_name: str, tolerance: float) -> str:
+    """The verdict on two sizes: the smaller one only when they differ by more than ``tolerance`` (same unit)."""
+    if abs(first - second) <= tolerance:
+        return NOT_SETTLED
+    return f"{first_name} smaller" if first < second else f"{second_name} smaller"
+
+
+def more_accurate(test: PairedTest, first_name: str, second_name: str) -> str:
+    """The verdict on two models' accuracy on the same rows: a winner only when McNemar's test is significant."""
+    if not test.significant:
+        return NOT_SETTLED
+    return (
+        f"{first_name} more accurate"
+        if test.only_first_right > test.only_second_right
+        else f"{second_name} more accurate"
+    )
