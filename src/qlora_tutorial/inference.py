@@ -4,15 +4,21 @@ Taught in notebook 05. Prediction needs no ``Trainer``: texts are tokenized
 without padding, sorted by length, and each batch is padded only to its own
 longest text (dynamic padding), so short headlines cost short sequences.
 
-Merging folds the LoRA update ``B @ A * alpha / r`` into the base weights so
-the adapter layers disappear. There are two ways, and they differ:
+Merging folds the LoRA update ``B @ A * alpha / r`` into base weights so the
+adapter layers disappear. Which base weights decides what the merged model is:
 
-* into the 4-bit base: PEFT (0.21) dequantizes each NF4 weight, adds the
-  update, and quantizes the sum to NF4 again. The update is small next to the
-  NF4 step size, so much of it is rounded away;
-* at full precision (the right way): reload the base unquantized (fp32 on the
-  CPU, 16-bit on a GPU), load the adapter, merge there; save the result and,
-  if memory matters, reload it quantized to NF4.
+* into the dequantized base (``merge_into_dequantized``): the NF4 weights the
+  adapter was trained against, dequantized to full precision, plus the update.
+  This reproduces the trained model up to float rounding;
+* into the original weights (``merge_into_original``): the full-precision
+  checkpoint the NF4 base was quantized from, plus the update. The adapter
+  never saw these weights, so the result differs by the quantization error;
+* into the 4-bit base (``merge_into_4bit``): PEFT (0.21) dequantizes each NF4
+  weight, adds the update and quantizes the sum to NF4 again, which rounds
+  much of the small update away.
+
+A full-precision merge can be saved and reloaded quantized to NF4
+(``save_merged``, ``load_requantized``) to ship one 4-bit model.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from dataclasses import replace
 from pathlib import Path
 from time import perf_counter
 
+import bitsandbytes as bnb
 import numpy as np
 import pandas as pd
 import torch
+from bitsandbytes.functional import dequantize_4bit
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -49,7 +57,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def predict_proba(
+def predict_logits(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -57,7 +65,7 @@ def predict_proba(
     batch_size: int = 64,
     max_length: int = 128,
 ) -> np.ndarray:
-    """Class probabilities, one row per text (in the input order), with dynamic padding.
+    """Logits, one row per text (in the input order), with dynamic padding.
 
     Texts are sorted by token count so that each batch pads to a similar
     length; the rows are put back in the input order before returning.
@@ -67,14 +75,26 @@ def predict_proba(
     device = model_device(model)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
-    probabilities = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+    logits = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         rows = order[start : start + batch_size]
         features = [{key: values[i] for key, values in encoded.items()} for i in rows]
         batch = tokenizer.pad(features, return_tensors="pt").to(device)
-        logits = model(**batch).logits
-        probabilities[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    return probabilities
+        logits[rows] = model(**batch).logits.float().cpu().numpy()
+    return logits
+
+
+def predict_proba(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> np.ndarray:
+    """Class probabilities, one row per text (in the input order): the softmax of ``predict_logits``."""
+    logits = predict_logits(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
 
 @torch.inference_mode()
@@ -109,6 +129,28 @@ def latencies_ms(
         run(text)
         timings.append((perf_counter() - started) * 1000)
     return np.asarray(timings)
+
+
+def interleaved_latencies_ms(
+    models: dict[str, torch.nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    rounds: int = 3,
+    max_length: int = 128,
+) -> dict[str, np.ndarray]:
+    """Batch-size-1 latencies of several models, timed in interleaved rounds (A, B, C, then A, B, C again).
+
+    On a shared machine the load drifts; interleaving gives every model a share of each period, so a
+    difference between their medians is not just a difference between the moments they were timed.
+    """
+    if rounds < 1:
+        raise ValueError(f"Time at least one round, got rounds={rounds}.")
+    timings: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            timings[name].append(latencies_ms(model, tokenizer, texts, max_length=max_length))
+    return {name: np.concatenate(rows) for name, rows in timings.items()}
 
 
 def hardest_mistakes(
@@ -161,13 +203,29 @@ def merge_into_4bit(settings: Settings, adapter_dir: str | Path) -> PreTrainedMo
     return load_trained(settings, adapter_dir, QLORA_PRECISION).merge_and_unload()
 
 
-def merge_full_precision(settings: Settings, adapter_dir: str | Path) -> PreTrainedModel:
-    """Merge the adapter into an unquantized base (fp32 on the CPU, 16-bit on a GPU).
+def merge_into_original(settings: Settings, adapter_dir: str | Path) -> PreTrainedModel:
+    """Merge the adapter into the original, unquantized checkpoint (fp32 on the CPU, 16-bit on a GPU).
 
-    Exact up to float rounding for that base plus the adapter; it differs from the 4-bit base plus the
-    adapter (what was trained) by the base's quantization error, as notebook 05 measures.
+    The adapter was trained against the NF4 weights, not these, so the result differs from the trained
+    model by the base's quantization error, as notebook 05 measures.
     """
     return load_trained(settings, adapter_dir, full_precision(settings)).merge_and_unload()
+
+
+def dequantized_base(settings: Settings) -> PreTrainedModel:
+    """The unquantized model whose quantized layers hold the NF4 weights, dequantized: what QLoRA trained against."""
+    base = load_classifier(settings, full_precision(settings))
+    quantized = load_classifier(settings, QLORA_PRECISION)
+    for name, layer in quantized.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            target = base.get_submodule(name).weight
+            target.data = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(target.dtype)
+    return base
+
+
+def merge_into_dequantized(settings: Settings, adapter_dir: str | Path) -> PreTrainedModel:
+    """Merge the adapter into the dequantized NF4 base: the trained model, as plain full-precision weights."""
+    return load_adapter(dequantized_base(settings), str(check_adapter_dir(adapter_dir))).merge_and_unload()
 
 
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> Path:
