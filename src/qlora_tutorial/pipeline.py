@@ -82,7 +82,7 @@ def train_and_evaluate(
     model = load_classifier(settings, precision)
     weights = weight_memory(model)
     if use_lora:
-        model = attach_lora(model, lora_config, seed=settings.profile.seed)
+        model = attach_lora(model, lora_config)
     parameters = count_parameters(model)
     trainer = make_trainer(model, settings, tokenized, tokenizer, output_dir, **training_overrides)
     train_started = perf_counter()
