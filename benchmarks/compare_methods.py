@@ -1,7 +1,10 @@
 """Full fine-tuning vs LoRA vs QLoRA, and the reference recipe vs ours: ``make benchmark`` (not run by CI).
 
 The same comparison as notebook 06 (``qlora_tutorial.comparison``), on the
-profile's budget (``QLORA_PROFILE``), written to
+profile's budget (``QLORA_PROFILE``): where notebook 06 already measured it on
+this budget (``runs/<profile>/comparison/comparison.json``), those very rows
+are reported, so the README and the notebook state one run; then the recipe
+comparison, which only this script trains. Written to
 ``benchmarks/results/<profile>.json`` and ``benchmarks/results/<profile>.md``
 so the README's results table is generated, not typed. Every number is a
 measurement of this run; speed is reported as ratios from one run, never
@@ -15,36 +18,82 @@ import json
 import os
 import platform
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from qlora_tutorial.comparison import budget_for, compare_methods, compare_recipes, markdown_table, recipe_summary
+from qlora_tutorial.comparison import (
+    budget_for,
+    compare_methods,
+    compare_recipes,
+    load_comparison,
+    markdown_table,
+    recipe_summary,
+    row_to_json,
+    verdict_table,
+    verdicts,
+)
+from qlora_tutorial.cpu_packing import CPU_FLAG, cpu_lists_avx512_bf16
 from qlora_tutorial.settings import load_settings
 from qlora_tutorial.training import library_versions, settings_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the architecture where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+
+
 def machine() -> str:
-    """The hardware the numbers come from, in words."""
+    """The hardware the numbers come from, in words, with the CPU flag that changes bitsandbytes' CPU path."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} GPU"
-    return f"{os.cpu_count()}-core CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)"
+    flag = "with" if cpu_lists_avx512_bf16() else "without"
+    return (
+        f"{os.cpu_count()}-core CPU ({cpu_model()}, {flag} {CPU_FLAG}, {platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads)"
+    )
+
+
+def load_average() -> float:
+    """The 1-minute load average: how busy the machine was (a quiet 2-core machine reads below 2)."""
+    return os.getloadavg()[0]
+
+
+def json_ready(value: Any) -> Any:
+    """The recipe results as JSON: spreads as dicts, numpy scalars as numbers."""
+    if is_dataclass(value):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def markdown_report(record: dict[str, Any]) -> str:
     """The results file the README includes: a one-line provenance, the table, the recipe comparison."""
     budget = record["budget"]
+    steps = budget["max_steps"] or "the profile's epochs of"
     return "\n\n".join(
         [
             f"Measured by `make benchmark` on the `{record['profile']}` profile ({record['model']}, "
-            f"{budget['max_steps']} steps of batch {budget['batch_size']} per method, "
-            f"{budget['test_rows'] or 'all'} test rows) on a {record['machine']}, {record['date']}.",
-            markdown_table(record["methods"]),
+            f"{steps} steps of batch {budget['batch_size']} per method, {budget['test_rows'] or 'all'} test rows) "
+            f"on a {record['machine']}, {record['date']}; 1-minute load average {record['load_before']:.1f} "
+            f"before and {record['load_after']:.1f} after.",
+            markdown_table(record["rows"]),
+            verdict_table(record["rows"]),
             recipe_summary(record["recipes"]),
         ]
     )
@@ -54,34 +103,41 @@ def main(argv: list[str] | None = None) -> int:
     """Run both comparisons on one profile and write its JSON and Markdown results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", help="smoke, cpu or gpu (default: $QLORA_PROFILE, else gpu/cpu)")
-    parser.add_argument("--runs-dir", help="where the trained runs go (default: runs/<profile>/benchmark)")
+    parser.add_argument(
+        "--runs-dir", help="where the trained runs go (default: runs/<profile>/comparison, shared with notebook 06)"
+    )
     parser.add_argument("--results-dir", default=str(RESULTS), help="where <profile>.json and .md go")
     arguments = parser.parse_args(argv)
     settings = load_settings(arguments.profile)
     budget = budget_for(settings)
-    runs = Path(arguments.runs_dir) if arguments.runs_dir else settings.run_dir("benchmark")
+    runs = Path(arguments.runs_dir) if arguments.runs_dir else settings.run_dir("comparison")
     print(settings.table(), flush=True)
-    methods = compare_methods(settings, runs / "methods", budget)
+    load_before = load_average()
+    rows = load_comparison(runs, settings, budget) or compare_methods(settings, runs, budget)
     recipes = compare_recipes(settings, runs / "recipes", budget)
     record = {
         "profile": settings.profile.name,
         "model": settings.model_name,
         "machine": machine(),
+        "cpu_flags": {CPU_FLAG: cpu_lists_avx512_bf16()},
+        "load_before": load_before,
+        "load_after": load_average(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "budget": {
             **asdict(budget),
             "methods": [method.label for method in budget.methods],
             "batch_size": settings.profile.batch_size,
         },
-        "methods": methods,
-        "recipes": recipes,
+        "rows": [row_to_json(row) for row in rows],
+        "verdicts": verdicts(rows),
+        "recipes": json_ready(recipes),
         "settings": settings_record(settings),
         "versions": library_versions(),
     }
     results = Path(arguments.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{settings.profile.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    report = markdown_report(record)
+    report = markdown_report({**record, "rows": rows, "recipes": recipes})
     (results / f"{settings.profile.name}.md").write_text(report + "\n")
     print("\n" + report)
     return 0

@@ -82,3 +82,13 @@ def test_faster_needs_separate_interquartile_ranges():
 def test_smaller_ignores_differences_within_the_tolerance():
     assert smaller(50.9, 86.6, "QLoRA", "LoRA", tolerance=1) == "QLoRA smaller"
     assert smaller(1_710, 1_690, "QLoRA", "LoRA", tolerance=50) == NOT_SETTLED
+
+
+def test_macro_f1_estimate_equals_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 4, 300)
+    predictions = np.where(rng.random(300) < 0.7, labels, rng.integers(0, 4, 300))
+    interval = macro_f1_interval(labels, predictions, resamples=50)
+    assert interval.estimate == pytest.approx(f1_score(labels, predictions, average="macro"))

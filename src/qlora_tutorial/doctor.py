@@ -18,7 +18,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from qlora_tutorial.settings import PROFILE_ENV, load_settings
+from qlora_tutorial.settings import PROFILE_ENV, display_path, load_settings
 from qlora_tutorial.training import library_versions
 
 ROUND_TRIP_TOLERANCE = 0.2
@@ -123,7 +123,7 @@ def profile_check() -> Check:
     except (ValueError, FileNotFoundError) as error:
         return Check("profile", str(error), False)
     dtype = str(settings.compute_dtype).removeprefix("torch.")
-    data = settings.data_dir or "the Hugging Face Hub"
+    data = display_path(settings.data_dir) if settings.data_dir else "the Hugging Face Hub"
     return Check("profile", f"{settings.profile.name} ({dtype} compute, data from {data})", True)
 
 

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
+import psutil
 import torch
 from bitsandbytes.functional import QuantState
 
@@ -119,6 +120,26 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         for value in state.values()
         if isinstance(value, torch.Tensor)
     )
+
+
+def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state that bitsandbytes keeps in paged (CUDA unified) memory.
+
+    ``torch.cuda.max_memory_allocated`` does not see them, so a CUDA peak adds them (notebook 06).
+    """
+    return sum(
+        tensor_bytes(value)
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor) and getattr(value, "is_paged", False)
+    )
+
+
+def resident_bytes(device: str) -> int:
+    """Memory held now: CUDA's allocated bytes on a GPU, the process's resident set on the CPU."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    return psutil.Process().memory_info().rss
 
 
 def reset_peak_memory(device: str) -> None:

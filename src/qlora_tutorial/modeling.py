@@ -7,6 +7,8 @@ trap) and 03 (``LoraConfig``, ``prepare_model_for_kbit_training``).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 import bitsandbytes as bnb
@@ -173,6 +175,17 @@ def is_quantized_model(model: PreTrainedModel) -> bool:
     return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
+@contextmanager
+def peft_calls_quieted() -> Iterator[None]:
+    """Hide the FutureWarning PEFT 0.21 triggers by calling transformers 5's renamed ``is_gradient_checkpointing``.
+
+    It says nothing a learner can act on; every other warning still shows.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def attach_lora(model: PreTrainedModel, config: LoraConfig | None = None) -> PeftModel:
     """Wrap ``model`` with LoRA adapters; k-bit bases go through ``prepare_model_for_kbit_training`` first.
 
@@ -181,15 +194,15 @@ def attach_lora(model: PreTrainedModel, config: LoraConfig | None = None) -> Pef
     The CPU-repacking guard is (re)applied, so a base loaded some other way is
     covered too.
     """
-    if is_quantized_model(model):
-        with warnings.catch_warnings():  # PEFT 0.21 calls a transformers 5 method that warns of its own rename
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_calls_quieted():
+        if is_quantized_model(model):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return keep_standard_layout(get_peft_model(model, config or reference_lora_config()))
+        return keep_standard_layout(get_peft_model(model, config or reference_lora_config()))
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: str) -> PeftModel:
     """Load a saved adapter (and its trained head) onto a freshly loaded base, for inference (guard applied)."""
-    model = keep_standard_layout(PeftModel.from_pretrained(base, adapter_dir))
+    with peft_calls_quieted():
+        model = keep_standard_layout(PeftModel.from_pretrained(base, adapter_dir))
     model.eval()
     return model

@@ -334,7 +334,8 @@ def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> 
     """Notebook 06: weight memory, peak training memory and accuracy, each on its own axis, one bar group per method.
 
     Each row holds ``method``, ``weight_mib``, ``peak_mib``, ``peak_kind``, ``validation_accuracy`` and
-    ``test_accuracy`` (``comparison.comparison_row``); rows without a peak (inference-only) are left out.
+    ``test_accuracy``, an ``uncertainty.Interval`` drawn with its 95% error bar (``comparison.comparison_row``);
+    rows without a peak (inference-only) are left out.
     Weights and peak memory get separate panels: on one axis the tens of MiB of weights would vanish next to a
     peak of over a GiB.
     """
@@ -351,10 +352,15 @@ def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> 
         axis.bar_label(bars, fmt="%.0f", fontsize=8)
         axis.set(ylabel=ylabel, title=subtitle)
         axis.margins(y=0.12)
-    keys = (("validation_accuracy", "validation"), ("test_accuracy", "test"))
-    for offset, (key, label) in zip((-0.2, 0.2), keys, strict=True):
-        bars = accuracy.bar(x + offset, [float(row[key]) for row in rows], width=0.4, label=label)
-        accuracy.bar_label(bars, fmt="%.2f", fontsize=8)
+    validation = accuracy.bar(x - 0.2, [float(row["validation_accuracy"]) for row in rows], width=0.4)
+    validation.set_label("validation")
+    tests = [row["test_accuracy"] for row in rows]
+    below = [test.estimate - test.low for test in tests]
+    above = [test.high - test.estimate for test in tests]
+    test_bars = accuracy.bar(x + 0.2, [test.estimate for test in tests], width=0.4, yerr=[below, above], capsize=3)
+    test_bars.set_label("test (95% interval)")
+    for bars in (validation, test_bars):
+        accuracy.bar_label(bars, fmt="%.3f", fontsize=8, padding=6)
     _chance_line(accuracy, CHANCE_ACCURACY, f"chance: {CHANCE_ACCURACY:.0%}")
     accuracy.set_ylim(0, 1.05)
     accuracy.set(ylabel="accuracy", title="Accuracy")

@@ -6,19 +6,25 @@ projects the same per-parameter costs onto LLaMA-shaped models with the QLoRA
 paper's setup (Dettmers et al. 2023, arXiv:2305.14314): LoRA r=64 on every
 linear layer of the blocks.
 
-Per-parameter costs, in bytes:
+Every figure rests on a byte assumption per parameter, and each is written
+out (``ByteAssumption``). The three methods use the paper's:
 
-- 16-bit full fine-tuning: weights 2 + gradients 2 + AdamW's two fp32
-  moments 8 + an fp32 master copy 4 = 16 (the paper's ">780 GB" for 65B).
-- 16-bit LoRA: the base stays frozen at 2; the LoRA parameters cost 16
-  (fp32 weights 4, gradients 4, two AdamW moments 8).
-- QLoRA: the blocks' linear weights are NF4 with double quantization,
-  4 + 8/64 + 32/(64*256) = 4.127 bits; embeddings, LM head and norms stay
-  at 16 bits, as ``BitsAndBytesConfig`` leaves them; LoRA parameters as above.
+- 16-bit full fine-tuning: bf16 weights 2 + bf16 gradients 2 + AdamW's two
+  fp32 moments 8 = 12 bytes (12 x 65.29B = 783 GB: the paper's ">780 GB").
+- 16-bit LoRA: the frozen base at 2 bytes; each LoRA parameter 12 (bf16
+  weight and gradient, two fp32 moments).
+- QLoRA: the blocks' linear weights in NF4 with double quantization,
+  4 + 8/64 + 32/(64*256) = 4.127 bits; embeddings, LM head and norms at 2
+  bytes, as ``BitsAndBytesConfig`` leaves them; LoRA parameters at 12 (the
+  paper's "under 48 GB" for 65B).
 
-Activations are left out: they depend on batch size and sequence length, and
-gradient checkpointing trades them for compute. So every figure here is a
-floor a run cannot go below, not a prediction of its peak.
+``ASSUMPTION_VARIANTS`` adds the common alternatives: an fp32 master copy
+(16 bytes for full fine-tuning), LoRA in fp32 (16 bytes), and the unquantized
+parts upcast to fp32 (4 bytes), as ``prepare_model_for_kbit_training`` does in
+this series. Activations are left out: they depend on batch size and sequence
+length, and gradient checkpointing trades them for compute. So every figure
+here is a floor a run cannot go below, not a prediction of its peak. Sizes are
+in decimal GB, as GPUs are sold; GiB (2**30 bytes) only where labelled.
 """
 
 from __future__ import annotations
@@ -26,15 +32,59 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 10**9  # decimal gigabytes, as GPU sizes and the QLoRA paper state them
+GIB = 2**30
 NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 second-level absmax per 256
-FULL_16BIT_BYTES = 2 + 2 + 8 + 4  # weights, gradients, AdamW moments (fp32), fp32 master weights
-LORA_PARAM_BYTES = 4 + 4 + 8  # fp32 weights, fp32 gradients, two fp32 AdamW moments
-BASE_16BIT_BYTES = 2
 PAPER_RANK = 64
 PAPER_65B_QLORA_BOUND_GB = 48  # the paper: 65B fine-tuned on one 48 GB GPU
 PAPER_65B_FULL_16BIT_GB = 780  # the paper: "more than 780 GB" for 16-bit full fine-tuning of 65B
 METHODS = ("16-bit full fine-tuning", "16-bit LoRA", "QLoRA (NF4 + DQ)")
-GPU_MEMORY_GB: dict[str, float] = {"T4": 16, "A100 40GB": 40, "A100 80GB": 80, "H100": 80, "H200": 141}
+GPU_MEMORY_GB: dict[str, float] = {
+    "T4": 16,
+    "A100 40GB": 40,
+    "RTX A6000 48GB": 48,
+    "A100 80GB": 80,
+    "H100": 80,
+    "H200": 141,
+}
+
+
+@dataclass(frozen=True)
+class ByteAssumption:
+    """What one parameter costs while training, in bytes, for one method.
+
+    ``trained``: each trained parameter (every one for full fine-tuning, the
+    LoRA parameters otherwise), weight + gradient + optimizer state.
+    ``frozen``: each frozen parameter stored unquantized (LoRA's whole base,
+    QLoRA's embeddings, head and norms). QLoRA's linear weights always cost
+    ``NF4_DQ_BITS / 8``.
+    """
+
+    method: str
+    trained: float
+    frozen: float
+    note: str
+
+    def bytes_for(self, linear: int, other: int, lora: int) -> float:
+        """Bytes for ``linear`` block weights, ``other`` weights and ``lora`` LoRA parameters."""
+        if self.method == METHODS[0]:
+            return self.trained * (linear + other)
+        if self.method == METHODS[1]:
+            return self.frozen * (linear + other) + self.trained * lora
+        return NF4_DQ_BITS / 8 * linear + self.frozen * other + self.trained * lora
+
+
+PAPER_ASSUMPTIONS: dict[str, ByteAssumption] = {
+    METHODS[0]: ByteAssumption(METHODS[0], 2 + 2 + 8, 0, "bf16 weights and gradients, two fp32 AdamW moments"),
+    METHODS[1]: ByteAssumption(METHODS[1], 2 + 2 + 8, 2, "bf16 base; LoRA in bf16 with two fp32 AdamW moments"),
+    METHODS[2]: ByteAssumption(METHODS[2], 2 + 2 + 8, 2, "NF4 + DQ linear weights, the rest bf16; LoRA in bf16"),
+}
+ASSUMPTION_VARIANTS: tuple[ByteAssumption, ...] = (
+    PAPER_ASSUMPTIONS[METHODS[0]],
+    ByteAssumption(METHODS[0], 2 + 2 + 8 + 4, 0, "as above, plus an fp32 master copy of the weights"),
+    PAPER_ASSUMPTIONS[METHODS[2]],
+    ByteAssumption(METHODS[2], 4 + 4 + 8, 2, "LoRA in fp32 (weights, gradients), the rest bf16"),
+    ByteAssumption(METHODS[2], 4 + 4 + 8, 4, "LoRA in fp32 and the rest upcast to fp32, as this series trains"),
+)
 
 
 @dataclass(frozen=True)
@@ -100,21 +150,40 @@ def _check_count(name: str, count: int) -> None:
         raise ValueError(f"{name} must be a positive number of parameters, got {count}.")
 
 
-def training_bytes(method: str, linear: int, other: int, lora: int) -> float:
+def training_bytes(method: str, linear: int, other: int, lora: int, assumption: ByteAssumption | None = None) -> float:
     """Bytes to fine-tune a model with ``linear`` block weights, ``other`` weights and ``lora`` LoRA parameters.
 
-    Linear in every count: doubling all three doubles the bytes.
+    Under ``assumption`` (default: the paper's for ``method``). Linear in every
+    count: doubling all three doubles the bytes.
     """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
     _check_count("linear", linear)
     _check_count("other", other)
-    if method == METHODS[0]:
-        return FULL_16BIT_BYTES * (linear + other)
-    _check_count("lora", lora)
-    if method == METHODS[1]:
-        return BASE_16BIT_BYTES * (linear + other) + LORA_PARAM_BYTES * lora
-    if method == METHODS[2]:
-        return NF4_DQ_BITS / 8 * linear + BASE_16BIT_BYTES * other + LORA_PARAM_BYTES * lora
-    raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
+    if method != METHODS[0]:
+        _check_count("lora", lora)
+    chosen = assumption or PAPER_ASSUMPTIONS[method]
+    if chosen.method != method:
+        raise ValueError(f"The assumption {chosen.note!r} is for {chosen.method}, not {method}.")
+    return chosen.bytes_for(linear, other, lora)
+
+
+def assumption_table(shape: ModelShape | str, rank: int = PAPER_RANK) -> str:
+    """A Markdown table: each byte assumption of ``ASSUMPTION_VARIANTS`` and what it gives for ``shape``."""
+    if isinstance(shape, str):
+        shape = get_shape(shape)
+    lines = [
+        "| method | assumption | bytes per trained parameter | bytes per unquantized frozen parameter | GB | GiB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant in ASSUMPTION_VARIANTS:
+        total = variant.bytes_for(shape.linear_parameters, shape.other_parameters, shape.lora_parameters(rank))
+        frozen = f"{variant.frozen:g}" if variant.method != METHODS[0] else "-"
+        lines.append(
+            f"| {variant.method} | {variant.note} | {variant.trained:g} | {frozen} | {total / GB:,.1f} | "
+            f"{total / GIB:,.1f} |"
+        )
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -166,3 +235,95 @@ def projection_table(projections: list[Projection]) -> str:
         cells.append(fitting[0] if fitting else "none listed")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# Per rank, when N GPUs train one model together (notebook 07). Data parallelism (DDP) gives every rank the whole
+# model, so each holds what one GPU would, plus DDP's gradient buckets (a copy of the gradients, in their 16-bit
+# dtype, that the all-reduce works on). Fully sharded data parallelism (FSDP, ZeRO-3) gives each rank 1/N of the
+# weights, gradients and optimizer state, and gathers whole units for the time they compute: the transformer block
+# that runs and the one prefetched (GATHERED_BLOCKS), and the root unit (embeddings, LM head, final norm), which stays
+# gathered from the forward pass to the backward pass. On one GPU neither wrapper is used.
+SCALE_OUT_RANKS = (1, 2, 4, 8)
+SCALE_OUT_GPU_GB = (24, 48, 80)
+STRATEGIES = ("DDP", "FSDP")
+GATHERED_BLOCKS = 2
+GATHERED_BYTES = 2  # a gathered 16-bit weight (the frozen base of LoRA, LoRA's own weights, the root unit)
+
+
+@dataclass(frozen=True)
+class GroupedQueryShape(ModelShape):
+    """A LLaMA-2-style decoder whose k and v projections are ``kv_hidden`` wide (grouped-query attention)."""
+
+    kv_hidden: int = 0
+
+    @property
+    def linear_parameters(self) -> int:
+        """Weights of the linear layers: q and o hidden x hidden, k and v hidden x kv_hidden, the gated MLP."""
+        h = self.hidden
+        return self.layers * (2 * h * h + 2 * h * self.kv_hidden + 3 * h * self.intermediate)
+
+    def lora_parameters(self, rank: int = PAPER_RANK) -> int:
+        """LoRA A and B on all seven linear layers of every block: r * (fan_in + fan_out) each."""
+        if rank <= 0:
+            raise ValueError(f"The LoRA rank must be positive, got {rank}. The QLoRA paper uses r={PAPER_RANK}.")
+        h = self.hidden
+        per_layer = 2 * rank * 2 * h + 2 * rank * (h + self.kv_hidden) + 3 * rank * (h + self.intermediate)
+        return self.layers * per_layer
+
+
+# Llama 2 70B (Touvron et al. 2023, "Llama 2"): 64 query heads and 8 key/value heads of 128, 68.98B parameters.
+LLAMA2_70B = GroupedQueryShape("70B", hidden=8192, layers=80, intermediate=28672, kv_hidden=1024)
+SCALE_OUT_SHAPES: dict[str, ModelShape] = {"7B": LLAMA_SHAPES["7B"], "13B": LLAMA_SHAPES["13B"], "70B": LLAMA2_70B}
+
+
+def gathered_block_bytes(shape: ModelShape, method: str, rank: int = PAPER_RANK) -> float:
+    """One transformer block's weights as FSDP gathers them: NF4 for QLoRA's linear layers, 16 bits for the rest."""
+    linear, lora = shape.linear_parameters / shape.layers, shape.lora_parameters(rank) / shape.layers
+    if method == METHODS[0]:
+        return GATHERED_BYTES * linear
+    base = NF4_DQ_BITS / 8 if method == METHODS[2] else GATHERED_BYTES
+    return base * linear + GATHERED_BYTES * lora
+
+
+def gradient_bucket_bytes(shape: ModelShape, method: str, rank: int = PAPER_RANK) -> float:
+    """DDP's gradient buckets: one 16-bit copy of every trained parameter's gradient."""
+    trained = shape.parameters if method == METHODS[0] else shape.lora_parameters(rank)
+    return GATHERED_BYTES * trained
+
+
+def per_rank_bytes(shape: ModelShape, method: str, ranks: int, strategy: str, rank: int = PAPER_RANK) -> float:
+    """Bytes one of ``ranks`` GPUs holds to fine-tune ``shape`` with ``method`` under ``strategy`` (activations out)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}. Known strategies: {', '.join(STRATEGIES)}.")
+    if ranks < 1:
+        raise ValueError(f"The number of GPUs must be at least 1, got {ranks}.")
+    total = training_bytes(method, shape.linear_parameters, shape.other_parameters, shape.lora_parameters(rank))
+    if ranks == 1:
+        return total
+    if strategy == "DDP":
+        return total + gradient_bucket_bytes(shape, method, rank)
+    gathered = GATHERED_BLOCKS * gathered_block_bytes(shape, method, rank) + GATHERED_BYTES * shape.other_parameters
+    return total / ranks + gathered
+
+
+def per_rank_table(
+    shapes: dict[str, ModelShape], rows: list[tuple[str, str]], rank: int = PAPER_RANK
+) -> tuple[str, dict[tuple[str, str, str, int], float]]:
+    """A Markdown table of GB per rank: one row per model and (method, strategy), one column per GPU count.
+
+    Each cell names the GPU sizes of ``SCALE_OUT_GPU_GB`` it fits. Also returns
+    the numbers, keyed by (model, method, strategy, GPUs).
+    """
+    header = ["model", "method", "strategy", *(f"{n} GPU{'s' if n > 1 else ''}" for n in SCALE_OUT_RANKS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    numbers: dict[tuple[str, str, str, int], float] = {}
+    for name, shape in shapes.items():
+        for method, strategy in rows:
+            cells = [name, method, strategy]
+            for ranks in SCALE_OUT_RANKS:
+                gb = per_rank_bytes(shape, method, ranks, strategy, rank) / GB
+                numbers[name, method, strategy, ranks] = gb
+                fits = [f"{size}" for size in SCALE_OUT_GPU_GB if gb <= size]
+                cells.append(f"{gb:,.2f} ({', '.join(fits)} GB)" if fits else f"{gb:,.2f} (none)")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), numbers

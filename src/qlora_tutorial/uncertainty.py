@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import binomtest, norm
-from sklearn.metrics import f1_score
 
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05
@@ -75,6 +74,15 @@ def accuracy_interval(correct: Sequence[bool] | np.ndarray, confidence: float = 
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
+def macro_f1_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """Macro-F1 of one or many confusion matrices (``[..., true, predicted]``); a class never seen scores 0."""
+    hits = np.diagonal(confusion, axis1=-2, axis2=-1)
+    actual, predicted = confusion.sum(axis=-1), confusion.sum(axis=-2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(actual + predicted > 0, 2 * hits / (actual + predicted), 0.0)
+    return f1.mean(axis=-1)
+
+
 def macro_f1_interval(
     labels: Sequence[int] | np.ndarray,
     predictions: Sequence[int] | np.ndarray,
@@ -83,15 +91,22 @@ def macro_f1_interval(
     seed: int = 0,
     confidence: float = CONFIDENCE,
 ) -> Interval:
-    """Macro-F1 with a percentile bootstrap interval over the test rows (seeded, so it reproduces)."""
+    """Macro-F1 with a percentile bootstrap interval over the test rows (seeded, so it reproduces).
+
+    Each resample draws the rows again with replacement; its confusion matrix is
+    the rows' (true, predicted) cells weighted by how often each row was drawn.
+    """
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     if labels.shape != predictions.shape or labels.size == 0:
         raise ValueError(f"Need one prediction per label, got {labels.size} labels and {predictions.size} predictions.")
-    rows = np.random.default_rng(seed).integers(0, labels.size, size=(resamples, labels.size))
-    scores = [f1_score(labels[sample], predictions[sample], average="macro") for sample in rows]
+    classes = int(max(labels.max(), predictions.max())) + 1
+    cells = np.eye(classes * classes)[labels * classes + predictions]  # one-hot (true, predicted) per row
+    draws = np.random.default_rng(seed).multinomial(labels.size, np.full(labels.size, 1 / labels.size), resamples)
+    scores = macro_f1_from_confusion((draws @ cells).reshape(resamples, classes, classes))
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(scores, [tail, 100 - tail])
-    return Interval(float(f1_score(labels, predictions, average="macro")), float(low), float(high))
+    estimate = macro_f1_from_confusion(cells.sum(axis=0).reshape(classes, classes))
+    return Interval(float(estimate), float(low), float(high))
 
 
 def mcnemar(first_correct: Sequence[bool] | np.ndarray, second_correct: Sequence[bool] | np.ndarray) -> PairedTest:

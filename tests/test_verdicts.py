@@ -1,0 +1,128 @@
+"""Notebook 06's comparison rows, verdicts and recipe comparison, on made-up results (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qlora_tutorial.comparison import (
+    LORA,
+    MERGED,
+    QLORA,
+    compare_recipe_runs,
+    comparison_row,
+    left_chance,
+    markdown_table,
+    recipe_summary,
+    verdict_table,
+    verdicts,
+)
+from qlora_tutorial.uncertainty import spread
+
+LABELS = np.array([0, 1, 2, 3] * 50)
+
+
+def results(method: str, *, wrong: int, step: float, weight_mib: float, peak_mib: float) -> dict:
+    """A results.json as the pipeline writes it, with ``wrong`` mistakes on the 200 test rows."""
+    predictions = LABELS.copy()
+    predictions[:wrong] = (predictions[:wrong] + 1) % 4
+    return {
+        "method": method,
+        "weight_bytes": weight_mib * 2**20,
+        "quant_state_bytes": 0,
+        "memory_baseline_bytes": 600 * 2**20,
+        "peak_before_training_bytes": 900 * 2**20,
+        "peak_after_training_bytes": (peak_mib - 10) * 2**20,
+        "peak_memory_bytes": peak_mib * 2**20,
+        "peak_memory_kind": "process peak RSS",
+        "trainable_parameters": 75_268,
+        "total_parameters": 22_790_024,
+        "optimizer_state_bytes": 602_144,
+        "train_steps": 40,
+        "step_seconds": [step * 3] * 5 + [step + 0.01 * (i % 3) for i in range(35)],
+        "validation_accuracy": 0.9,
+        "test_predictions": predictions.tolist(),
+        "settings": {"profile": {"learning_rate": 1e-3}},
+    }
+
+
+def rows(qlora_wrong: int, lora_wrong: int, qlora_step: float = 0.8, qlora_peak: float = 1_700) -> list[dict]:
+    return [
+        comparison_row(
+            results(LORA.label, wrong=lora_wrong, step=0.5, weight_mib=86.6, peak_mib=1_650), LABELS, spread([100] * 9)
+        ),
+        comparison_row(
+            results(QLORA.label, wrong=qlora_wrong, step=qlora_step, weight_mib=50.9, peak_mib=qlora_peak),
+            LABELS,
+            spread([200, 210, 190] * 3),
+        ),
+        {"method": MERGED, "latency_ms": spread([90] * 9)},
+    ]
+
+
+def verdict(found: list[dict], start: str) -> str:
+    return next(v["verdict"] for v in verdicts(found) if v["question"].startswith(start))
+
+
+def test_row_scores_the_predictions_and_leaves_warmup_steps_out():
+    row = rows(qlora_wrong=20, lora_wrong=20)[1]
+    assert row["test_accuracy"].estimate == pytest.approx(0.9)
+    assert row["test_accuracy"].low < 0.9 < row["test_accuracy"].high
+    assert row["step_seconds"].median == pytest.approx(0.81) and row["step_seconds"].count == 35
+    assert row["training_increase_mib"] == pytest.approx(1_690 - 900)
+
+
+def test_verdicts_follow_the_rules():
+    close = rows(qlora_wrong=20, lora_wrong=22)
+    assert verdict(close, "Does QLoRA train fewer") == "no: the same adapters"
+    assert verdict(close, "Does QLoRA need less") == "weights: QLoRA smaller; peak: not settled"
+    assert verdict(close, "Does QLoRA train faster") == "LoRA faster"
+    assert verdict(close, "Is QLoRA's inference") == "LoRA faster"
+    assert verdict(close, "Does QLoRA keep") == "no difference found"
+    assert verdict(rows(qlora_wrong=60, lora_wrong=20), "Does QLoRA keep") == "LoRA more accurate"
+    assert verdict(rows(20, 20, qlora_step=0.51), "Does QLoRA train faster") == "not settled"
+    assert verdict(rows(20, 20, qlora_peak=2_500), "Does QLoRA need less").endswith("peak: LoRA smaller")
+
+
+def test_tables_show_every_row_and_every_verdict():
+    found = rows(qlora_wrong=20, lora_wrong=22)
+    table = markdown_table(found).splitlines()
+    assert len(table) == 2 + len(found)
+    assert table[-1].startswith(f"| {MERGED} | - |") and "90 ms (IQR 90-90, n=9)" in table[-1]
+    assert len(verdict_table(found).splitlines()) == 2 + len(verdicts(found))
+
+
+def history(evaluations: list[tuple[int, float]]) -> list[dict]:
+    return [{"step": s, "eval_accuracy": a} for s, a in evaluations] + [{"step": 99, "train_runtime": 1.0}]
+
+
+def test_recipe_comparison_reports_what_was_measured():
+    reference = {
+        "log_history": history([(50, 0.26), (100, 0.27)]),
+        "rows": {"validation": 800},
+        "validation_accuracy": 0.27,
+        "train_steps": 100,
+        "step_seconds": [1.4] * 20,
+    }
+    ours = {
+        "log_history": history([(50, 0.86), (100, 0.9)]),
+        "validation_accuracy": 0.9,
+        "step_seconds": [1.0] * 20,
+    }
+    found = compare_recipe_runs(reference, ours)
+    assert found["reference_left_chance"] is False  # 27% on 800 rows: the interval reaches below 25%
+    assert found["ours_steps_to_reference_accuracy"] == 50
+    assert found["padding_step_cost"] == pytest.approx(1.4)
+    assert "never left chance in 100 steps" in recipe_summary(
+        {**found, "reference_recipe": "pad", "our_recipe": "dynamic"}
+    )
+
+
+def test_left_chance_needs_the_interval_above_a_quarter():
+    assert left_chance(0.40, 800) and not left_chance(0.26, 800)
+
+
+def test_recipe_comparison_needs_validation_during_training():
+    run = {"log_history": [], "rows": {"validation": 8}, "validation_accuracy": 0.5, "step_seconds": [1.0]}
+    with pytest.raises(ValueError, match="--eval-steps"):
+        compare_recipe_runs(run, run)
