@@ -135,3 +135,37 @@ def test_colab_asks_for_a_t4(path: Path) -> None:
     metadata = load(path).metadata
     assert metadata.get("accelerator") == "GPU"
     assert metadata.get("colab", {}).get("gpuType") == "T4"
+
+
+NOISE = {
+    "an absolute path": re.compile(r"(?<![\w.~])/(?:work|root|home|tmp|Users|content|private|var)/"),
+    "tqdm's IProgress warning": re.compile(r"IProgress not found"),
+    "a transformers LOAD REPORT": re.compile(r"LOAD REPORT"),
+    "a FutureWarning": re.compile(r"FutureWarning"),
+    "an ANSI escape code": re.compile(r"\x1b\["),
+    "an object repr instead of a table": re.compile(r"<pandas\.io\.formats\.style\.Styler at 0x"),
+}
+PROGRESS_BAR = re.compile(r"\d+%\|[█▏▎▍▌▋▊▉ ]*\|")  # a bar printed as text (in Jupyter, ipywidgets draws it)
+
+
+def output_texts(notebook: nbformat.NotebookNode) -> list[str]:
+    """Every text a learner reads in the outputs: streams, plain text, Markdown, tracebacks."""
+    texts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            texts.append("".join(output.get("text", "")))
+            data = output.get("data", {})
+            texts += ["".join(data.get(kind, "")) for kind in ("text/plain", "text/markdown", "text/html")]
+            texts += output.get("traceback", [])
+    return texts
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_outputs_hold_nothing_a_learner_should_not_read(path: Path) -> None:
+    notebook = load(path)
+    texts = output_texts(notebook)
+    found = {name for name, pattern in NOISE.items() for text in texts if pattern.search(text)}
+    streams = ["".join(o.get("text", "")) for c in notebook.cells for o in c.get("outputs", []) if "text" in o]
+    if any(PROGRESS_BAR.search(text) for text in streams):
+        found.add("a progress bar dumped as text")
+    assert not found, f"{path.name}: committed outputs hold {', '.join(sorted(found))}; silence or fix it, then rerun"
