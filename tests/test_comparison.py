@@ -1,44 +1,51 @@
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from qlora_tutorial import comparison
+from qlora_tutorial.__main__ import build_parser, settings_from_arguments
 from qlora_tutorial.comparison import (
-    ALL_METHODS,
     BUDGETS,
     FULL,
+    MERGED,
+    METHODS,
     QLORA,
     Budget,
     Method,
     budget_for,
+    budget_settings,
     comparison_row,
+    load_comparison,
     load_for_inference,
-    markdown_table,
-    median_latency_ms,
-    recipe_speedup,
-    recipe_summary,
+    reusable_run,
     run_logged,
-    seconds_per_step,
+    save_comparison,
     train_command,
     train_method,
+    trained_on_budget,
     validation_curve,
 )
-from qlora_tutorial.modeling import Precision
-from qlora_tutorial.settings import load_settings, with_profile_changes
+from qlora_tutorial.inference import predict_proba
+from qlora_tutorial.modeling import Precision, load_tokenizer
+from qlora_tutorial.settings import PROFILES, Settings, load_settings, with_profile_changes
+from qlora_tutorial.uncertainty import Interval, spread
 
 
-def history(evaluations, train_seconds=100.0, steps=10, eval_runtime=5.0):
+def history(evaluations, steps=10):
     """A log_history with evaluations during training, the train summary, then the pipeline's final one."""
-    entries = [{"step": step, "eval_accuracy": acc, "eval_runtime": eval_runtime} for step, acc in evaluations]
-    entries.append({"step": steps, "train_runtime": train_seconds})
-    entries.append({"step": steps, "eval_accuracy": 0.99, "eval_runtime": eval_runtime})
-    return {"log_history": entries, "train_seconds": train_seconds, "train_steps": steps}
+    entries = [{"step": step, "eval_accuracy": accuracy} for step, accuracy in evaluations]
+    entries.append({"step": steps, "train_runtime": 100.0})
+    entries.append({"step": steps, "eval_accuracy": 0.99})
+    return {"log_history": entries, "train_steps": steps}
 
 
-def test_methods_have_distinct_folders_and_the_pipelines_labels():
-    assert [m.slug for m in ALL_METHODS] == ["full-fp32", "lora-fp32", "qlora-nf4-dq", "qlora-nf4", "qlora-fp4"]
-    assert QLORA.label == "QLoRA (nf4-dq)"
-    assert FULL.label == "full fine-tuning (fp32)"
+def test_methods_have_distinct_folders_and_labels():
+    """Each method's run gets its own folder and row, so none overwrites another."""
+    assert len({method.slug for method in METHODS}) == len(METHODS)
+    assert len({method.label for method in METHODS}) == len(METHODS)
 
 
 def test_full_finetuning_of_a_4bit_base_is_refused():
@@ -46,10 +53,11 @@ def test_full_finetuning_of_a_4bit_base_is_refused():
         Method(Precision.NF4, use_lora=False)
 
 
-def test_smoke_budget_is_smaller_than_cpu_budget():
-    assert BUDGETS["smoke"].max_steps < BUDGETS["cpu"].max_steps
-    assert BUDGETS["smoke"].test_rows < BUDGETS["cpu"].test_rows
-    assert budget_for(load_settings("cpu")) is BUDGETS["cpu"]
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_every_profile_has_a_budget_whose_test_sample_the_runs_use(profile):
+    settings = load_settings(profile)
+    budget = budget_for(settings)
+    assert budget_settings(settings, budget).profile.test_rows == budget.test_rows
 
 
 def test_unknown_profile_budget_says_where_to_add_it():
@@ -72,61 +80,78 @@ def test_train_command_carries_the_budget_and_gives_full_finetuning_its_own_rate
     assert "--no-lora" not in train_command(settings, QLORA, "out", budget)
 
 
+def child_settings(command: list[str]) -> Settings:
+    """The settings the new process would run with: its arguments parsed as `python -m qlora_tutorial` does."""
+    assert command[:3] == [sys.executable, "-m", "qlora_tutorial"]
+    return settings_from_arguments(build_parser().parse_args(command[3:]))
+
+
+@pytest.mark.parametrize("method", [QLORA, FULL], ids=lambda method: method.slug)
+def test_the_new_process_trains_with_the_parents_settings_whatever_its_environment(
+    monkeypatch, tiny_bert_dir, tiny_data_dir, method
+):
+    parent = load_settings("smoke", data_dir=tiny_data_dir, model=str(tiny_bert_dir))
+    parent = with_profile_changes(parent, learning_rate=3e-4, max_length=64, train_pool_rows=None, seed=7)
+    monkeypatch.setenv("QLORA_PROFILE", "cpu")  # what the child inherits must not matter
+    monkeypatch.setenv("QLORA_MODEL", "prajjwal1/bert-tiny")
+    budget = Budget((method,), max_steps=3, test_rows=None, latency_texts=2, eval_steps=1, full_learning_rate=2e-5)
+    child = child_settings(train_command(parent, method, "out", budget))
+    expected = budget_settings(parent, budget)
+    if not method.use_lora:
+        expected = with_profile_changes(expected, learning_rate=budget.full_learning_rate)
+    assert child == expected
+
+
+def test_the_new_process_keeps_the_pinned_revision():
+    parent = load_settings("gpu")
+    child = child_settings(train_command(parent, QLORA, "out", budget_for(parent)))
+    assert (child.model_name, child.model_revision) == (parent.model_name, parent.model_revision)
+
+
 def test_failed_run_raises_with_the_end_of_its_log(tmp_path):
     command = [sys.executable, "-c", "import sys; print('loading'); sys.exit('the data folder is missing')"]
     with pytest.raises(RuntimeError, match=r"(?s)exit 1.*the data folder is missing"):
         run_logged(command, tmp_path / "train.log")
 
 
-def test_a_method_trains_in_its_own_process_and_reloads_for_inference(tiny_settings, tmp_path: Path):
+@pytest.mark.slow
+def test_a_method_trains_in_its_own_process_with_the_parents_settings(tiny_settings, tmp_path: Path):
+    """A real run of the command train_command writes: its results record the parent's settings, so it is reused."""
     budget = Budget((QLORA,), max_steps=2, test_rows=8, latency_texts=2, eval_steps=1)
     results = train_method(tiny_settings, QLORA, tmp_path / "q", budget)
-    assert (results["method"], results["train_steps"], results["rows"]["test"]) == ("QLoRA (nf4-dq)", 2, 8)
-    row = comparison_row(results, latency_ms=3.0)
+    assert (results["method"], results["train_steps"], results["rows"]["test"]) == (QLORA.label, 2, 8)
+    assert trained_on_budget(results, tiny_settings, QLORA, budget)
+    assert reusable_run(tiny_settings, QLORA, [tmp_path / "q"], budget) == tmp_path / "q"
+    assert reusable_run(tiny_settings, QLORA, [tmp_path / "q"], replace(budget, max_steps=3)) is None
+    labels = comparison.test_labels(tiny_settings, budget)  # through the module: pytest would collect a bare test_*
+    row = comparison_row(results, labels, spread([3.0]))
     assert row["trainable_parameters"] < row["total_parameters"]
-    assert row["weight_mib"] == pytest.approx(results["weight_bytes"] / 2**20)
+    assert row["test_accuracy"].low <= row["test_accuracy"].estimate <= row["test_accuracy"].high
     model = load_for_inference(tiny_settings, tmp_path / "q", results)
-    assert median_latency_ms(model, tiny_settings, ["a short headline", "another one"]) > 0
-
-
-def test_markdown_table_dashes_what_an_inference_only_row_lacks():
-    table = markdown_table([{"method": "merged", "latency_ms": 2.25}])
-    assert table.splitlines()[-1] == "| merged | - | - | - | - | - | 2.2 | - | - |"
+    assert predict_proba(model, load_tokenizer(tiny_settings), ["a short headline"]).shape == (1, 4)
 
 
 def test_validation_curve_stops_at_the_end_of_training():
     assert validation_curve(history([(2, 0.5), (4, 0.7)])) == [(2, 0.5), (4, 0.7)]
 
 
-def test_seconds_per_step_leaves_out_validation_time():
-    assert seconds_per_step(history([(5, 0.5), (10, 0.6)], train_seconds=60, steps=10, eval_runtime=5)) == 5.0
-
-
-def test_speedup_compares_time_to_the_accuracy_both_recipes_reach():
-    reference = history([(2, 0.3), (4, 0.5), (6, 0.6)], train_seconds=60, steps=6, eval_runtime=0)  # 10 s/step
-    ours = history([(2, 0.6), (4, 0.8), (6, 0.9)], train_seconds=30, steps=6, eval_runtime=0)  # 5 s/step
-    result = recipe_speedup(reference, ours)
-    assert result["target_validation_accuracy"] == 0.6
-    assert result["steps_to_target"] == {"reference": 6, "ours": 2}
-    assert result["step_time_ratio"] == 2.0
-    assert result["speedup"] == 6.0
-
-
-def test_speedup_needs_validation_during_training():
-    with pytest.raises(ValueError, match="--eval-steps"):
-        recipe_speedup(history([]), history([(2, 0.5)]))
-
-
-def test_recipe_summary_states_target_steps_and_ratios():
-    recipes = {
-        "reference_recipe": "pad to 128 tokens, learning rate 5e-05",
-        "our_recipe": "dynamic padding, learning rate 0.001",
-        "target_validation_accuracy": 0.6,
-        "steps_to_target": {"reference": 6, "ours": 2},
-        "seconds_to_target": {"reference": 60.0, "ours": 10.0},
-        "speedup": 6.0,
-        "step_time_ratio": 2.0,
-    }
-    summary = recipe_summary(recipes)
-    for part in ("both reach 60.0%", "at step 6 (60 s", "at step 2 (10 s)", "**6.0x** sooner", "costs 2.00x"):
-        assert part in summary
+def test_a_saved_comparison_comes_back_only_for_its_own_settings_and_budget(tmp_path: Path):
+    settings, budget = load_settings("smoke"), BUDGETS["smoke"]
+    rows = [
+        {
+            "method": QLORA.label,
+            "step_seconds": spread([0.5, 0.6, 0.7]),
+            "test_accuracy": Interval(0.75, 0.6, 0.85),
+            "correct": np.array([True, False, True]),
+        },
+        {"method": MERGED, "latency_ms": spread([2.0, 3.0])},
+    ]
+    save_comparison(rows, tmp_path, settings, budget)
+    loaded = load_comparison(tmp_path, settings, budget)
+    assert loaded is not None and [row["method"] for row in loaded] == [QLORA.label, MERGED]
+    assert (
+        loaded[0]["step_seconds"] == rows[0]["step_seconds"] and loaded[0]["test_accuracy"] == rows[0]["test_accuracy"]
+    )
+    assert loaded[0]["correct"].tolist() == [True, False, True] and loaded[1]["latency_ms"] == rows[1]["latency_ms"]
+    assert load_comparison(tmp_path, settings, replace(budget, max_steps=5)) is None
+    assert load_comparison(tmp_path / "elsewhere", settings, budget) is None

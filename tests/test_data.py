@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from datasets import Dataset
+from datasets import ClassLabel, Dataset, Features, Value
 
 from qlora_tutorial.data import (
     LABEL_NAMES,
@@ -15,6 +15,7 @@ from qlora_tutorial.data import (
     stratified_indices,
     tokenize_splits,
 )
+from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.modeling import load_tokenizer
 from qlora_tutorial.settings import load_settings
 
@@ -65,8 +66,20 @@ def test_wrong_columns_say_what_is_expected(tmp_path):
 
 def test_labels_out_of_range_are_refused():
     dataset = Dataset.from_dict({"text": ["a", "b"], "label": [0, 7]})
-    with pytest.raises(ValueError, match=r"labels \[7\] outside 0 to 3"):
+    with pytest.raises(UserInputError, match=r"labels \[7\] outside 0 to 3"):
         check_schema(dataset, "test data")
+
+
+def test_the_hubs_named_labels_pass_the_check():
+    """The Hub's `label` is a ClassLabel (integers with names): the path without QLORA_DATA_DIR must accept it."""
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(LABEL_NAMES))})
+    check_schema(Dataset.from_dict({"text": ["a", "b"], "label": [0, 3]}, features=features), "the Hub data")
+
+
+def test_too_few_rows_per_label_to_sample_names_the_split():
+    labels = np.array([0, 0, 1, 2, 3, 3])
+    with pytest.raises(UserInputError, match=r"^The test split of x has too few rows to split by label: 6 rows"):
+        stratified_indices(labels, 2, seed=0, what="The test split of x")
 
 
 def test_class_balance_uses_names(tiny_settings):

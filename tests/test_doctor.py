@@ -1,5 +1,8 @@
-import subprocess
-import sys
+from importlib.metadata import version
+
+import pytest
+import torch
+from packaging.specifiers import SpecifierSet
 
 from qlora_tutorial import doctor
 from qlora_tutorial.doctor import Check, bitsandbytes_check, nf4_round_trip_error, report, run_checks, verdict
@@ -24,26 +27,44 @@ def test_verdict_names_what_failed():
     assert verdict([Check("a", "x", True), Check("bf16", "y", False)]).startswith("NOT READY: bf16 failed")
 
 
-def test_report_on_this_machine_tells_the_truth():
+def test_report_without_a_gpu_runs_4bit_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     checks = run_checks()
     names = [check.name for check in checks]
     assert {"torch", "transformers", "peft", "bitsandbytes", "CUDA", "bitsandbytes 4-bit", "profile"} <= set(names)
     text = report(checks)
     assert "not available: CPU only" in text and "cpu (float32 compute" in text
+    assert "NF4 round trip on cpu" in text
     assert text.splitlines()[-2].startswith("READY")
 
 
-def test_unknown_profile_makes_the_doctor_fail(monkeypatch):
+def test_report_on_a_bf16_gpu_picks_the_gpu_profile(monkeypatch):
+    """The GPU branch, on any machine: CUDA is faked, and so is the round trip that would run on it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA A100")
+    round_trips = []
+    monkeypatch.setattr(doctor, "nf4_round_trip_error", lambda device: round_trips.append(device) or 0.09)
+    text = report(run_checks())
+    assert round_trips == ["cuda"]
+    assert "NVIDIA A100" in text and "compute capability  8.0" in text
+    assert "gpu (bfloat16 compute" in text
+
+
+def test_unknown_profile_makes_the_doctor_fail(monkeypatch, capsys):
     monkeypatch.setenv("QLORA_PROFILE", "nope")
-    finished = subprocess.run(
-        [sys.executable, "-m", "qlora_tutorial.doctor"], capture_output=True, text=True, env=None, check=False
-    )
-    assert finished.returncode == 1
-    assert "FAIL  profile" in finished.stdout and "NOT READY" in finished.stdout
+    assert doctor.main() == 1
+    printed = capsys.readouterr().out
+    assert "FAIL  profile" in printed and "Unknown profile 'nope'" in printed and "NOT READY" in printed
 
 
-def test_versions_are_checked_against_the_pins(monkeypatch):
-    assert doctor.pinned_specifiers()["transformers"] == "==5.23.0"
+@pytest.mark.parametrize("name", ["transformers", "peft", "bitsandbytes"])
+def test_installed_versions_meet_the_declared_ranges(name):
+    assert version(name) in SpecifierSet(doctor.pinned_specifiers()[name])
+
+
+def test_a_version_outside_the_declared_range_fails(monkeypatch):
     monkeypatch.setattr(doctor, "pinned_specifiers", lambda: {"transformers": "==4.0.0"})
     transformers_check = next(check for check in doctor.version_checks() if check.name == "transformers")
     assert not transformers_check.ok and "(pinned ==4.0.0)" in transformers_check.found

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ from qlora_tutorial.inference import (
     latencies_ms,
     load_requantized,
     load_trained,
-    merge_full_precision,
     merge_into_4bit,
+    merge_into_original,
     predict_proba,
     save_merged,
 )
@@ -84,7 +85,7 @@ def test_latencies_are_one_positive_number_per_text(tiny_settings: Settings) -> 
 
 def test_full_precision_merge_gives_the_logits_of_base_plus_adapter(tiny_settings: Settings, adapter_dir: Path) -> None:
     separate = logits(load_trained(tiny_settings, adapter_dir, Precision.FP32), tiny_settings)
-    merged_model = merge_full_precision(tiny_settings, adapter_dir)
+    merged_model = merge_into_original(tiny_settings, adapter_dir)
     assert not any("lora" in name for name, _ in merged_model.named_parameters())
     base = logits(load_classifier(tiny_settings, Precision.FP32), tiny_settings)
     assert (separate - base).abs().max() > 1e-3  # the adapter changes the output ...
@@ -105,7 +106,7 @@ def test_merge_into_4bit_stays_quantized_and_rounds_the_update(tiny_settings: Se
 def test_requantized_merge_is_4bit_with_full_precision_head(
     tiny_settings: Settings, adapter_dir: Path, tmp_path: Path
 ) -> None:
-    merged = merge_full_precision(tiny_settings, adapter_dir)
+    merged = merge_into_original(tiny_settings, adapter_dir)
     folder = save_merged(merged, load_tokenizer(tiny_settings), tmp_path / "merged")
     requantized = load_requantized(tiny_settings, folder)
     assert is_quantized_model(requantized)
@@ -118,8 +119,19 @@ def test_loading_a_missing_adapter_says_to_train_first(tiny_settings: Settings, 
         load_trained(tiny_settings, tmp_path / "nothing")
 
 
-def test_full_precision_is_fp32_on_cpu(tiny_settings: Settings) -> None:
-    assert full_precision(tiny_settings) is Precision.FP32
+@pytest.mark.parametrize(
+    ("device", "compute_dtype", "expected"),
+    [
+        ("cpu", torch.float32, Precision.FP32),
+        ("cuda", torch.bfloat16, Precision.BF16),
+        ("cuda", torch.float16, Precision.FP16),
+    ],
+)
+def test_full_precision_is_fp32_on_cpu_and_the_compute_dtype_on_a_gpu(
+    tiny_settings: Settings, device: str, compute_dtype: torch.dtype, expected: Precision
+) -> None:
+    chosen = replace(tiny_settings, device=device, compute_dtype=compute_dtype)
+    assert full_precision(chosen) is expected
 
 
 def test_hardest_mistakes_are_the_most_confident_wrong_ones() -> None:

@@ -1,14 +1,36 @@
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from qlora_tutorial import settings as settings_module
-from qlora_tutorial.settings import PROFILES, compute_dtype_for, get_profile, load_settings, with_profile_changes
-from qlora_tutorial.sources import BERT_BASE_REVISION, PACKAGED_MINILM
+from qlora_tutorial.errors import MissingInputError, UserInputError
+from qlora_tutorial.settings import (
+    PROFILES,
+    changed_profile_fields,
+    compute_dtype_for,
+    get_profile,
+    load_settings,
+    with_profile_changes,
+)
+from qlora_tutorial.sources import BERT_BASE_REVISION
+
+REPO = Path(__file__).resolve().parent.parent
 
 
-def test_default_profile_is_cpu_without_cuda():
+@pytest.fixture
+def without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def with_bf16_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+
+
+def test_default_profile_is_cpu_without_cuda(without_cuda):
     assert load_settings().profile.name == "cpu"
 
 
@@ -29,18 +51,31 @@ def test_unknown_profile_names_it_and_lists_valid_ones(monkeypatch):
         load_settings()
 
 
-def test_profiles_follow_the_design():
-    assert PROFILES["smoke"].model_name == PROFILES["cpu"].model_name == PACKAGED_MINILM
-    assert PROFILES["gpu"].model_revision == BERT_BASE_REVISION
-    assert PROFILES["cpu"].train_pool_rows == 4000 and PROFILES["cpu"].test_rows is None
-    assert PROFILES["gpu"].train_pool_rows is None
-    assert all(p.max_length == 128 and p.validation_fraction == 0.2 for p in PROFILES.values())
-
-
 def test_model_override_drops_the_pinned_revision(monkeypatch):
+    assert load_settings("gpu").model_revision == BERT_BASE_REVISION
     monkeypatch.setenv("QLORA_MODEL", "prajjwal1/bert-tiny")
     chosen = load_settings("gpu")
     assert chosen.model_name == "prajjwal1/bert-tiny" and chosen.model_revision is None
+
+
+def test_model_argument_wins_over_the_environment_and_takes_a_revision(monkeypatch, tiny_bert_dir):
+    monkeypatch.setenv("QLORA_MODEL", "prajjwal1/bert-tiny")
+    chosen = load_settings("smoke", model=str(tiny_bert_dir), revision="abc123")
+    assert (chosen.model_name, chosen.model_revision) == (str(tiny_bert_dir), "abc123")
+
+
+def test_a_model_path_that_does_not_exist_is_refused_before_anything_loads(monkeypatch, tmp_path):
+    monkeypatch.setenv("QLORA_MODEL", str(tmp_path / "no" / "model"))
+    with pytest.raises(MissingInputError, match=r"QLORA_MODEL=.*model is neither an existing folder nor a Hub"):
+        load_settings("smoke")
+    with pytest.raises(MissingInputError, match=r"^model=\./typo is neither"):
+        load_settings("smoke", model="./typo")
+
+
+def test_a_model_folder_without_config_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("QLORA_MODEL", str(tmp_path))
+    with pytest.raises(UserInputError, match=r"folder without config\.json, so it holds no model"):
+        load_settings("smoke")
 
 
 def test_missing_data_folder_says_what_to_do(tmp_path):
@@ -48,14 +83,27 @@ def test_missing_data_folder_says_what_to_do(tmp_path):
         load_settings("smoke", data_dir=tmp_path / "nowhere")
 
 
+def test_a_data_file_in_place_of_the_folder_says_so(tmp_path):
+    (tmp_path / "train.parquet").touch()
+    with pytest.raises(UserInputError, match=r"is a file, not a folder"):
+        load_settings("smoke", data_dir=tmp_path / "train.parquet")
+
+
 def test_data_folder_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("QLORA_DATA_DIR", str(tmp_path))
     assert load_settings("smoke").data_dir == tmp_path.resolve()
 
 
-def test_cpu_settings_use_fp32_and_plain_adamw():
+def test_cpu_settings_use_fp32_and_plain_adamw(without_cuda):
     chosen = load_settings("cpu")
+    assert chosen.device == "cpu"
     assert chosen.compute_dtype == torch.float32 and chosen.optimizer == "adamw_torch"
+
+
+def test_gpu_settings_use_bf16_and_paged_adamw(with_bf16_gpu):
+    chosen = load_settings()
+    assert (chosen.profile.name, chosen.device) == ("gpu", "cuda")
+    assert chosen.compute_dtype == torch.bfloat16 and chosen.optimizer == "paged_adamw_32bit"
 
 
 def test_compute_dtype_follows_gpu(monkeypatch):
@@ -89,11 +137,36 @@ def test_run_dir_is_per_profile(monkeypatch, tmp_path):
     assert load_settings("smoke").run_dir("qlora") == tmp_path.resolve() / "smoke" / "qlora"
 
 
+def test_runs_are_saved_at_the_repository_root_from_any_working_folder(monkeypatch):
+    monkeypatch.delenv("QLORA_RUNS_DIR")
+    found = set()
+    for folder in (REPO, REPO / "notebooks"):  # where `make run` and Jupyter work
+        monkeypatch.chdir(folder)
+        found.add(load_settings("smoke").runs_dir)
+    assert found == {REPO / "runs"}
+    assert re.search(r"^runs saved in +runs$", load_settings("smoke").table(), re.MULTILINE), "shown relative"
+
+
+def test_an_installed_package_saves_runs_in_the_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("QLORA_RUNS_DIR")
+    monkeypatch.setattr(settings_module, "source_checkout", lambda: None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert load_settings("smoke").runs_dir == tmp_path.resolve() / "qlora-tutorial" / "runs"
+
+
 def test_with_profile_changes_keeps_the_rest():
     chosen = load_settings("smoke")
     changed = with_profile_changes(chosen, learning_rate=1e-5)
     assert changed.profile.learning_rate == 1e-5
     assert changed.profile.batch_size == chosen.profile.batch_size and changed.device == chosen.device
+
+
+def test_changed_profile_fields_are_exactly_the_changes():
+    chosen = load_settings("smoke")
+    assert changed_profile_fields(chosen.profile) == {}
+    changed = with_profile_changes(chosen, learning_rate=1e-5, test_rows=None, purpose="a note")
+    assert changed_profile_fields(changed.profile) == {"learning_rate": 1e-5, "test_rows": None}
 
 
 def test_get_profile_returns_the_profile():

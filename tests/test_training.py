@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import EvalPrediction
 
 from qlora_tutorial.data import load_splits, tokenize_splits
@@ -30,14 +32,26 @@ def test_compute_metrics_takes_the_argmax_of_logits_and_accepts_a_tuple() -> Non
     assert plain["accuracy"] == pytest.approx(0.75)
 
 
-def test_training_arguments_follow_the_profile_and_take_overrides(tiny_settings: Settings, tmp_path: Path) -> None:
-    arguments = training_arguments(tiny_settings, tmp_path, max_steps=7)
+T4 = {"device": "cuda", "compute_dtype": torch.float16, "optimizer": "paged_adamw_32bit"}  # a GPU without bf16
+CPU = {"device": "cpu", "compute_dtype": torch.float32, "optimizer": "adamw_torch"}
+
+
+@pytest.mark.parametrize("hardware", [CPU, T4], ids=["cpu", "t4"])
+def test_training_arguments_follow_the_settings_and_take_overrides(
+    tiny_settings: Settings, tmp_path: Path, hardware: dict
+) -> None:
+    """The device decides the optimizer, mixed precision and pinned memory, whatever machine runs the test."""
+    settings = replace(tiny_settings, **hardware)
+    arguments = training_arguments(settings, tmp_path, max_steps=7)
     assert arguments.max_steps == 7
-    assert arguments.learning_rate == tiny_settings.profile.learning_rate
-    assert arguments.per_device_train_batch_size == tiny_settings.profile.batch_size
-    assert arguments.optim.value == "adamw_torch"
+    assert arguments.learning_rate == settings.profile.learning_rate
+    assert arguments.per_device_train_batch_size == settings.profile.batch_size
+    assert arguments.optim.value == hardware["optimizer"]
+    on_gpu = hardware["device"] == "cuda"
+    assert (arguments.fp16, arguments.bf16, arguments.dataloader_pin_memory) == (on_gpu, False, on_gpu)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_reloaded_adapter_predicts_the_same(tiny_settings: Settings, tmp_path: Path) -> None:
     splits = load_splits(tiny_settings)
     tokenizer = load_tokenizer(tiny_settings)
@@ -68,6 +82,7 @@ def test_loss_falls_and_the_reloaded_adapter_predicts_the_same(tiny_settings: Se
     assert (after.argmax(axis=1) == before.argmax(axis=1)).all()
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_saves_adapter_and_results(tiny_settings: Settings, tmp_path: Path) -> None:
     folder = tmp_path / "run"
     results = train_and_evaluate(tiny_settings, folder, max_steps=5, eval_strategy="no", disable_tqdm=True)

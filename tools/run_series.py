@@ -8,13 +8,12 @@ themselves with their new, cleaned outputs (how the committed outputs are made).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from notebook_io import ROOT, execute, series
 
 from qlora_tutorial.pipeline import format_summary
-from qlora_tutorial.settings import RUNS_DIR_ENV, load_settings
+from qlora_tutorial.settings import load_settings
 from qlora_tutorial.training import RESULTS_FILE, load_results
 
 SERIES_OUTPUT = ROOT / "runs" / "series"
@@ -26,7 +25,6 @@ def main() -> int:
     parser.add_argument("--in-place", action="store_true", help="write outputs back into notebooks/")
     parser.add_argument("names", nargs="*", help="only these notebooks (e.g. 04_training.ipynb)")
     arguments = parser.parse_args()
-    os.environ.setdefault(RUNS_DIR_ENV, str(ROOT / "runs"))  # the kernels inherit it
     settings = load_settings()
     print(settings.table(), flush=True)
     chosen = [path for path in series() if not arguments.names or path.name in arguments.names]

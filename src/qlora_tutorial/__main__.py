@@ -1,20 +1,39 @@
-"""Command line: ``python -m qlora_tutorial train [--profile ...] [--precision ...] [--no-lora]``.
+"""Command line: ``python -m qlora_tutorial train [--profile ...] [--precision ...] [--no-lora] [...]``.
 
 The same pipeline the notebooks use (``qlora_tutorial.pipeline``), for a run
-without Jupyter and for the benchmarks. The budget options (``--max-steps``,
-``--test-rows``, ``--eval-steps``, ``--learning-rate``, ``--pad-to-max-length``)
-let notebook 06 and ``benchmarks/compare_methods.py`` run every method on the
-same smaller budget, each in its own process.
+without Jupyter and for the benchmarks. Every budget field of the profile has an
+option (``--test-rows``, ``--learning-rate``, ``--max-length``, ...), and
+``--model``/``--revision`` choose the model, so notebook 06 and
+``benchmarks/compare_methods.py`` can run each method in its own process with
+exactly the parent's settings (``comparison.train_command`` writes the command).
+``--max-steps`` and ``--eval-steps`` set the ``Trainer``'s step budget.
+
+A mistake in the input (an unknown profile or precision, a missing folder, a
+data file with the wrong columns or types, a model path that does not exist)
+ends in one ``error: ...`` line on stderr and exit status 2, before any model
+loads; no traceback, since it is not a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.modeling import QLORA_PRECISION, Precision, parse_precision
-from qlora_tutorial.settings import PROFILES, load_settings, with_profile_changes
+from qlora_tutorial.settings import (
+    MODEL_ENV,
+    PROFILES,
+    Settings,
+    load_settings,
+    profile_option,
+    with_profile_changes,
+)
+
+EXIT_USER_ERROR = 2  # as argparse exits for a bad option
 
 
 def positive_int(text: str) -> int:
@@ -22,6 +41,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An ``argparse`` type: an integer of zero or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
     return value
 
 
@@ -33,9 +60,50 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An ``argparse`` type: a number of zero or more."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An ``argparse`` type: a number strictly between 0 and 1."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text}")
+    return value
+
+
+def rows_or_all(text: str) -> int | None:
+    """An ``argparse`` type: a positive number of rows, or ``all`` (``None``: every row)."""
+    return None if text == "all" else positive_int(text)
+
+
+# One option per budget field of a Profile (tests/test_cli.py checks that none is missing): the type that
+# parses it, and its help. comparison.train_command spells each changed field the same way (profile_option).
+PROFILE_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "train_pool_rows": (rows_or_all, "rows drawn from the official train split before the split ('all': every row)"),
+    "test_rows": (rows_or_all, "rows sampled from the official test split ('all': every row)"),
+    "validation_fraction": (fraction, "share of the drawn rows kept for validation"),
+    "epochs": (positive_float, "training epochs"),
+    "batch_size": (positive_int, "training batch size"),
+    "eval_batch_size": (positive_int, "evaluation batch size"),
+    "learning_rate": (positive_float, "peak learning rate"),
+    "warmup_ratio": (non_negative_float, "share of the steps spent warming the learning rate up"),
+    "weight_decay": (non_negative_float, "AdamW weight decay"),
+    "logging_steps": (positive_int, "log the training loss every N steps"),
+    "max_length": (positive_int, "truncate texts at N tokens"),
+    "seed": (non_negative_int, "seed of the sampling, the initialisation and the Trainer"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-command per job."""
-    parser = argparse.ArgumentParser(prog="python -m qlora_tutorial", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m qlora_tutorial", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune on AG News, evaluate, save the adapter and results.json")
     train.add_argument("--profile", help=f"one of {', '.join(PROFILES)} (default: $QLORA_PROFILE, else gpu/cpu)")
@@ -45,22 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"base weights: {', '.join(p.value for p in Precision)} (default: {QLORA_PRECISION.value})",
     )
     train.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA adapters")
-    train.add_argument("--output-dir", default="runs/qlora", help="where the adapter and results.json go")
-    train.add_argument("--data-dir", help="folder with train/test parquet files (default: $QLORA_DATA_DIR, else Hub)")
-    train.add_argument("--max-steps", type=positive_int, help="stop after N steps (default: the profile's epochs)")
-    train.add_argument("--test-rows", type=positive_int, help="sample this many test rows (default: the profile's)")
-    train.add_argument("--learning-rate", type=positive_float, help="peak learning rate (default: the profile's)")
-    train.add_argument("--eval-steps", type=positive_int, help="validate every N steps (default: each epoch)")
+    train.add_argument("--model", help=f"a model folder or Hub id (default: ${MODEL_ENV}, else the profile's)")
+    train.add_argument("--revision", help="the Hub revision of the model (default: the profile's pin, if any)")
     train.add_argument(
+        "--output-dir",
+        help="where the adapter and results.json go (default: runs/<profile>/qlora for QLoRA nf4-dq, "
+        "runs/<profile>/<method> for another method, e.g. full-fp32)",
+    )
+    train.add_argument("--data-dir", help="folder with train/test parquet files (default: $QLORA_DATA_DIR, else Hub)")
+    budget = train.add_argument_group("budget", "each defaults to the profile's value")
+    for name, (parse, help_text) in PROFILE_OPTIONS.items():
+        budget.add_argument(profile_option(name), dest=name, type=parse, default=argparse.SUPPRESS, help=help_text)
+    budget.add_argument("--max-steps", type=positive_int, help="stop after N steps (default: the profile's epochs)")
+    budget.add_argument("--eval-steps", type=positive_int, help="validate every N steps (default: each epoch)")
+    budget.add_argument(
         "--pad-to-max-length", action="store_true", help="pad every row to max length (the reference recipe)"
     )
     return parser
 
 
 def profile_changes(arguments: argparse.Namespace) -> dict[str, Any]:
-    """The profile fields the options change (only those given)."""
-    changes = {"test_rows": arguments.test_rows, "learning_rate": arguments.learning_rate}
-    return {name: value for name, value in changes.items() if value is not None}
+    """The profile fields the options change: only those given (``all`` rows is a change to ``None``)."""
+    given = vars(arguments)
+    return {name: given[name] for name in PROFILE_OPTIONS if name in given}
 
 
 def training_overrides(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -78,32 +153,47 @@ def training_overrides(arguments: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def settings_from_arguments(arguments: argparse.Namespace) -> Settings:
+    """The run's settings: the profile, model and data the options name, with the budget options applied."""
+    settings = load_settings(
+        arguments.profile, data_dir=arguments.data_dir, model=arguments.model, revision=arguments.revision
+    )
+    return with_profile_changes(settings, **profile_changes(arguments))
+
+
+def fail(error: Exception) -> int:
+    """Print a mistake in the input as one line on stderr; return the exit status."""
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, run the job, print its summary."""
+    """Parse arguments, check every input, run the job, print its summary."""
     arguments = build_parser().parse_args(argv)
-    from qlora_tutorial.pipeline import check_method, format_summary, train_and_evaluate
+    from qlora_tutorial.comparison import QLORA, Method
+    from qlora_tutorial.pipeline import format_summary, train_and_evaluate
 
     try:
-        settings = with_profile_changes(
-            load_settings(arguments.profile, data_dir=arguments.data_dir), **profile_changes(arguments)
-        )
-        precision = parse_precision(arguments.precision)
-        check_method(precision, use_lora=not arguments.no_lora)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        settings = settings_from_arguments(arguments)
+        method = Method(parse_precision(arguments.precision), use_lora=not arguments.no_lora)
+    except UserInputError as error:  # an unknown profile or precision, a missing folder, a bad model name
+        return fail(error)
+    default_dir = settings.run_dir("qlora" if method == QLORA else method.slug)
+    output_dir = Path(arguments.output_dir) if arguments.output_dir else default_dir
     print(settings.table(), flush=True)
-
-    results = train_and_evaluate(
-        settings,
-        arguments.output_dir,
-        precision,
-        use_lora=not arguments.no_lora,
-        pad_to_max_length=arguments.pad_to_max_length,
-        **training_overrides(arguments),
-    )
+    try:
+        results = train_and_evaluate(
+            settings,
+            output_dir,
+            method.precision,
+            use_lora=method.use_lora,
+            pad_to_max_length=arguments.pad_to_max_length,
+            **training_overrides(arguments),
+        )
+    except UserInputError as error:  # a data file the checks refuse, found before the model loads
+        return fail(error)
     print("\n" + format_summary(results))
-    print(f"\nSaved to {arguments.output_dir} (results.json beside the weights).")
+    print(f"\nSaved to {output_dir} (results.json beside the weights).")
     return 0
 
 

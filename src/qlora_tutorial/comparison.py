@@ -230,7 +230,7 @@ def trained_results(settings: Settings, method: Method, root: Path, budget: Budg
     return root / method.slug, train_method(settings, method, root / method.slug, budget)
 
 
-def test_labels(settings: Settings, budget: Budget) -> np.ndarray:
+def scored_labels(settings: Settings, budget: Budget) -> np.ndarray:
     """The labels of the test rows every method is scored on."""
     return np.asarray(load_splits(budget_settings(settings, budget))["test"]["label"])
 
@@ -288,7 +288,7 @@ def compare_methods(settings: Settings, root: str | Path, budget: Budget | None 
     timings = interleaved_latencies_ms(
         models, load_tokenizer(settings), texts, rounds=budget.latency_rounds, max_length=settings.profile.max_length
     )
-    labels = test_labels(settings, budget)
+    labels = scored_labels(settings, budget)
     rows = [comparison_row(results, labels, spread(timings[method.label])) for method, (_, results) in runs.items()]
     rows.append({"method": MERGED, "latency_ms": spread(timings[MERGED])})
     save_comparison(rows, root, settings, budget)

@@ -16,9 +16,10 @@ from importlib.metadata import PackageNotFoundError, requires
 
 import torch
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from qlora_tutorial.settings import PROFILE_ENV, display_path, load_settings
+from qlora_tutorial.settings import PROFILE_ENV, display_path, load_settings, source_checkout
 from qlora_tutorial.training import library_versions
 
 ROUND_TRIP_TOLERANCE = 0.2
@@ -33,14 +34,25 @@ class Check:
     ok: bool
 
 
+def constraint_pins() -> dict[str, str]:
+    """The exact pins of ``constraints.txt`` in a source checkout (what ``make`` installs); none elsewhere."""
+    root = source_checkout()
+    path = root / "constraints.txt" if root else None
+    if path is None or not path.is_file():
+        return {}
+    entries = filter(None, (line.split("#", 1)[0].strip() for line in path.read_text().splitlines()))
+    return {canonicalize_name(r.name): str(r.specifier) for r in map(Requirement, entries)}
+
+
 def pinned_specifiers() -> dict[str, str]:
-    """The version pins this package was installed with (empty when it runs from a source tree)."""
+    """The versions this machine should have: the package's declared ranges, narrowed by the constraints' pins."""
     try:
         declared = requires("qlora-tutorial") or []
     except PackageNotFoundError:
-        return {}
+        declared = []
     parsed = (Requirement(line) for line in declared if "extra ==" not in line)
-    return {requirement.name.lower(): str(requirement.specifier) for requirement in parsed}
+    ranges = {canonicalize_name(requirement.name): str(requirement.specifier) for requirement in parsed}
+    return {**ranges, **constraint_pins()}
 
 
 def version_checks() -> list[Check]:

@@ -25,6 +25,7 @@ from transformers import (
 
 from qlora_tutorial.cpu_packing import keep_standard_layout
 from qlora_tutorial.data import LABEL_NAMES, id2label, label2id
+from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.settings import Settings
 from qlora_tutorial.sources import resolve_model_path
 
@@ -58,7 +59,7 @@ def parse_precision(name: str | Precision) -> Precision:
         return Precision(name)
     except ValueError:
         valid = ", ".join(p.value for p in Precision)
-        raise ValueError(f"Unknown precision {name!r}. Valid precisions: {valid}.") from None
+        raise UserInputError(f"Unknown precision {name!r}. Valid precisions: {valid}.") from None
 
 
 def quantization_config(

@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from qlora_tutorial.data import load_splits, tokenize_splits
 from qlora_tutorial.distributed import data_parallel_arguments, parallel_record
+from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.memory import (
     count_parameters,
     format_bytes,
@@ -47,7 +48,7 @@ PEAK_KINDS = {
 def check_method(precision: Precision, use_lora: bool) -> None:
     """Full fine-tuning needs trainable (full- or half-precision) base weights."""
     if not use_lora and precision.is_quantized:
-        raise ValueError(
+        raise UserInputError(
             f"Full fine-tuning (--no-lora) cannot update {precision.value} weights: quantized weights are frozen. "
             "Use --precision fp32 (or bf16/fp16 on a GPU) with --no-lora, or drop --no-lora to train adapters."
         )

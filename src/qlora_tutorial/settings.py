@@ -4,6 +4,12 @@ Taught in notebook 00. One environment variable, ``QLORA_PROFILE``, picks a
 profile; ``QLORA_MODEL`` and ``QLORA_DATA_DIR`` override the model and the
 data source. Nothing else in the series branches on hardware except the
 compute dtype and the optimizer, and both are decided here.
+
+Runs are saved in one place whatever the working folder: ``QLORA_RUNS_DIR``,
+else ``runs/`` at the repository root (a source checkout, as ``make`` and the
+notebooks use it), else ``qlora-tutorial/runs`` in the user's cache folder
+(an installed package, as on Colab). So ``make run`` and a notebook opened in
+Jupyter find each other's trained adapters.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from qlora_tutorial.sources import BERT_BASE_MODEL, BERT_BASE_REVISION, PACKAGED_MINILM
+from qlora_tutorial.errors import MissingInputError, UserInputError
+from qlora_tutorial.sources import BERT_BASE_MODEL, BERT_BASE_REVISION, PACKAGED_MINILM, check_model_name
 
 PROFILE_ENV = "QLORA_PROFILE"
 MODEL_ENV = "QLORA_MODEL"
 DATA_DIR_ENV = "QLORA_DATA_DIR"
 RUNS_DIR_ENV = "QLORA_RUNS_DIR"
-SEED = 42  # every profile's seed: the head and adapter initialisation, the split, the Trainer
+CACHE_FOLDER = "qlora-tutorial"
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,11 @@ class Profile:
     eval_batch_size: int = 64
     warmup_ratio: float = 0.06  # a float below 1 is a share of the steps for warmup_steps
     weight_decay: float = 0.01
-    seed: int = SEED
+    seed: int = 42
+
+
+IDENTITY_FIELDS = ("name", "model_name", "model_revision", "purpose")
+"""The fields that say which profile this is; every other field is a budget a run may change."""
 
 
 PROFILES: dict[str, Profile] = {
@@ -73,7 +84,7 @@ PROFILES: dict[str, Profile] = {
         batch_size=16,
         learning_rate=1e-3,
         logging_steps=20,
-        purpose="a laptop with no GPU: the whole series in well under half an hour",
+        purpose="a laptop with no GPU: the series on 3,200 training texts (times in notebook 00)",
     ),
     "gpu": Profile(
         name="gpu",
@@ -109,7 +120,7 @@ class Settings:
 
     def rows(self) -> list[tuple[str, str]]:
         """The settings as (name, value) pairs, for a small table."""
-        source = str(self.data_dir) if self.data_dir else "Hugging Face Hub (fancyzhx/ag_news)"
+        source = display_path(self.data_dir) if self.data_dir else "Hugging Face Hub (fancyzhx/ag_news)"
         pairs = [
             ("profile", f"{self.profile.name} ({self.profile.purpose})"),
             ("model", self.model_name + (f" @ {self.model_revision[:10]}" if self.model_revision else "")),
@@ -117,7 +128,7 @@ class Settings:
             ("device", self.device),
             ("compute dtype", str(self.compute_dtype).removeprefix("torch.")),
             ("optimizer", self.optimizer),
-            ("runs saved in", str(self.runs_dir)),
+            ("runs saved in", display_path(self.runs_dir)),
         ]
         skip = {"name", "model_name", "model_revision", "purpose"}
         pairs += [(f.name, str(getattr(self.profile, f.name))) for f in fields(self.profile) if f.name not in skip]
@@ -128,6 +139,40 @@ class Settings:
         rows = self.rows()
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def source_checkout() -> Path | None:
+    """The repository folder when the package is imported from a source checkout (``pip install -e .``), else None."""
+    root = Path(__file__).resolve().parents[2]  # src/qlora_tutorial/settings.py -> the repository
+    return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
+
+
+def default_runs_dir() -> Path:
+    """``runs/`` at the repository root, or ``qlora-tutorial/runs`` in the cache folder for an installed package.
+
+    Never relative to the working folder: ``make run`` works in the repository
+    root and Jupyter in ``notebooks/``, and both must see the same runs.
+    """
+    root = source_checkout()
+    if root is not None:
+        return root / "runs"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / CACHE_FOLDER / "runs"
+
+
+def display_path(path: Path) -> str:
+    """A path as a learner reads it: relative to the repository in a source checkout, else with ``~`` for home.
+
+    Inside the checkout that reads ``runs``; beside it, ``../shared/data/ag_news``
+    (as the README spells it). Notebook outputs then carry no machine's absolute
+    paths where they can be avoided.
+    """
+    root = source_checkout()
+    if root is not None:
+        return os.path.relpath(path, root)
+    if path.is_relative_to(Path.home()):
+        return str(Path("~") / path.relative_to(Path.home()))
+    return str(path)
 
 
 def default_profile_name() -> str:
@@ -141,7 +186,7 @@ def get_profile(name: str) -> Profile:
         return PROFILES[name]
     except KeyError:
         valid = ", ".join(PROFILES)
-        raise ValueError(
+        raise UserInputError(
             f"Unknown profile {name!r}. Valid profiles: {valid}. "
             f"Set {PROFILE_ENV} to one of them, or unset it to get the default."
         ) from None
@@ -155,7 +200,7 @@ def compute_dtype_for(device: str, requested: torch.dtype | None = None) -> torc
     """
     if device != "cuda":
         if requested not in (None, torch.float32):
-            raise ValueError(
+            raise UserInputError(
                 f"Compute dtype {requested} was requested on the CPU, where 4-bit layers "
                 "compute in float32. Leave the compute dtype unset on a CPU."
             )
@@ -165,31 +210,54 @@ def compute_dtype_for(device: str, requested: torch.dtype | None = None) -> torc
         return torch.bfloat16 if has_bf16 else torch.float16
     if requested == torch.bfloat16 and not has_bf16:
         name = torch.cuda.get_device_name()
-        raise ValueError(
+        raise UserInputError(
             f"{name} does not support bfloat16. Use torch.float16 (the default on this GPU) "
             "or move to a GPU with compute capability 8.0 or newer (A100, L4, H100)."
         )
     return requested
 
 
-def load_settings(profile: str | None = None, *, data_dir: str | Path | None = None) -> Settings:
-    """Decide the run's settings from arguments, then the environment, then defaults.
-
-    ``profile`` wins over ``QLORA_PROFILE``; ``data_dir`` over ``QLORA_DATA_DIR``.
-    Runs are saved under ``QLORA_RUNS_DIR`` (default: ``runs`` in the working folder).
-    A data folder that does not exist is reported here, before any work starts.
-    """
-    chosen = get_profile(profile or os.environ.get(PROFILE_ENV) or default_profile_name())
-    model_override = os.environ.get(MODEL_ENV)
-    model_name = model_override or chosen.model_name
-    revision = None if model_override else chosen.model_revision
+def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    """The data folder from the argument, else ``QLORA_DATA_DIR``; ``None`` means the Hub. It must be a folder."""
     raw_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
-    resolved_dir = Path(raw_dir).expanduser().resolve() if raw_dir else None
-    if resolved_dir is not None and not resolved_dir.is_dir():
-        raise FileNotFoundError(
-            f"The data folder {resolved_dir} does not exist. Point {DATA_DIR_ENV} at a folder "
+    if not raw_dir:
+        return None
+    resolved = Path(raw_dir).expanduser().resolve()
+    if not resolved.exists():
+        raise MissingInputError(
+            f"The data folder {resolved} does not exist. Point {DATA_DIR_ENV} at a folder "
             "holding train.parquet and test.parquet, or unset it to load AG News from the Hub."
         )
+    if not resolved.is_dir():
+        raise UserInputError(
+            f"The data folder {resolved} is a file, not a folder. Point {DATA_DIR_ENV} at the folder "
+            "that holds train.parquet and test.parquet."
+        )
+    return resolved
+
+
+def load_settings(
+    profile: str | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    model: str | None = None,
+    revision: str | None = None,
+) -> Settings:
+    """Decide the run's settings from arguments, then the environment, then defaults.
+
+    ``profile`` wins over ``QLORA_PROFILE``, ``data_dir`` over ``QLORA_DATA_DIR``,
+    ``model`` over ``QLORA_MODEL``. Another model than the profile's drops the
+    profile's pinned revision unless ``revision`` names one. Runs are saved
+    under ``QLORA_RUNS_DIR``, else ``default_runs_dir()``. A data folder or a
+    model folder that does not exist is reported here, before any work starts.
+    """
+    chosen = get_profile(profile or os.environ.get(PROFILE_ENV) or default_profile_name())
+    model_override = model or os.environ.get(MODEL_ENV)
+    if model_override:
+        check_model_name(model_override, "model" if model else MODEL_ENV)
+    model_name = model_override or chosen.model_name
+    revision = revision or (None if model_override else chosen.model_revision)
+    resolved_dir = resolve_data_dir(data_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return Settings(
         profile=chosen,
@@ -199,10 +267,28 @@ def load_settings(profile: str | None = None, *, data_dir: str | Path | None = N
         device=device,
         compute_dtype=compute_dtype_for(device),
         optimizer="paged_adamw_32bit" if device == "cuda" else "adamw_torch",
-        runs_dir=Path(os.environ.get(RUNS_DIR_ENV, "runs")).expanduser().resolve(),
+        runs_dir=Path(os.environ.get(RUNS_DIR_ENV) or default_runs_dir()).expanduser().resolve(),
     )
 
 
 def with_profile_changes(settings: Settings, **changes: object) -> Settings:
     """A copy of ``settings`` whose profile has some fields changed (e.g. the learning rate)."""
     return replace(settings, profile=replace(settings.profile, **changes))
+
+
+def profile_option(field: str) -> str:
+    """The command-line option of a profile field, as ``python -m qlora_tutorial train`` spells it: ``--test-rows``."""
+    return "--" + field.replace("_", "-")
+
+
+def changed_profile_fields(profile: Profile) -> dict[str, object]:
+    """The budget fields of ``profile`` that differ from the named profile's (what ``with_profile_changes`` changed).
+
+    ``comparison.train_command`` passes them on to a run in a new process.
+    """
+    original = get_profile(profile.name)
+    return {
+        field.name: getattr(profile, field.name)
+        for field in fields(profile)
+        if field.name not in IDENTITY_FIELDS and getattr(profile, field.name) != getattr(original, field.name)
+    }

