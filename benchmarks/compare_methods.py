@@ -64,11 +64,6 @@ def machine() -> str:
     )
 
 
-def load_average() -> float:
-    """The 1-minute load average: how busy the machine was (a quiet 2-core machine reads below 2)."""
-    return os.getloadavg()[0]
-
-
 def json_ready(value: Any) -> Any:
     """The recipe results as JSON: spreads as dicts, numpy scalars as numbers."""
     if is_dataclass(value):
@@ -86,15 +81,25 @@ def markdown_report(record: dict[str, Any]) -> str:
     """The results file the README includes: a one-line provenance, the table, the recipe comparison."""
     budget = record["budget"]
     steps = budget["max_steps"] or "the profile's epochs of"
+    load = record["load_average"]
+    load_text = (
+        f"1-minute load average {load[0]:.1f} before the methods were trained and {load[1]:.1f} after they were timed"
+        if load
+        else "load average not recorded"
+    )
+    recipes = (
+        recipe_summary(record["recipes"])
+        if record["recipes"]
+        else "The recipe comparison was not run this time (`make benchmark` with `--methods-only`)."
+    )
     return "\n\n".join(
         [
-            f"Measured by `make benchmark` on the `{record['profile']}` profile ({record['model']}, "
-            f"{steps} steps of batch {budget['batch_size']} per method, {budget['test_rows'] or 'all'} test rows) "
-            f"on a {record['machine']}, {record['date']}; 1-minute load average {record['load_before']:.1f} "
-            f"before and {record['load_after']:.1f} after.",
+            f"Measured on the `{record['profile']}` profile ({record['model']}, {steps} steps of batch "
+            f"{budget['batch_size']} per method, {budget['test_rows'] or 'all'} test rows) on a {record['machine']}, "
+            f"{record['date']}, by {record['methods_source']}; {load_text}.",
             markdown_table(record["rows"]),
             verdict_table(record["rows"]),
-            recipe_summary(record["recipes"]),
+            recipes,
         ]
     )
 
@@ -107,21 +112,26 @@ def main(argv: list[str] | None = None) -> int:
         "--runs-dir", help="where the trained runs go (default: runs/<profile>/comparison, shared with notebook 06)"
     )
     parser.add_argument("--results-dir", default=str(RESULTS), help="where <profile>.json and .md go")
+    parser.add_argument("--methods-only", action="store_true", help="leave out the recipe comparison (two more runs)")
     arguments = parser.parse_args(argv)
     settings = load_settings(arguments.profile)
     budget = budget_for(settings)
     runs = Path(arguments.runs_dir) if arguments.runs_dir else settings.run_dir("comparison")
     print(settings.table(), flush=True)
-    load_before = load_average()
-    rows = load_comparison(runs, settings, budget) or compare_methods(settings, runs, budget)
-    recipes = compare_recipes(settings, runs / "recipes", budget)
+    measured = load_comparison(runs, settings, budget)
+    source = "notebook 06 (its saved comparison)" if measured else "`make benchmark`"
+    if measured is None:
+        compare_methods(settings, runs, budget)
+        measured = load_comparison(runs, settings, budget)
+    rows = measured["rows"]
+    recipes = None if arguments.methods_only else compare_recipes(settings, runs / "recipes", budget)
     record = {
         "profile": settings.profile.name,
         "model": settings.model_name,
         "machine": machine(),
         "cpu_flags": {CPU_FLAG: cpu_lists_avx512_bf16()},
-        "load_before": load_before,
-        "load_after": load_average(),
+        "methods_source": source,
+        "load_average": measured["load_average"],
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "budget": {
             **asdict(budget),
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": [row_to_json(row) for row in rows],
         "verdicts": verdicts(rows),
-        "recipes": json_ready(recipes),
+        "recipes": json_ready(recipes) if recipes else None,
         "settings": settings_record(settings),
         "versions": library_versions(),
     }

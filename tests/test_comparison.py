@@ -146,9 +146,11 @@ def test_a_saved_comparison_comes_back_only_for_its_own_settings_and_budget(tmp_
         },
         {"method": MERGED, "latency_ms": spread([2.0, 3.0])},
     ]
-    save_comparison(rows, tmp_path, settings, budget)
-    loaded = load_comparison(tmp_path, settings, budget)
-    assert loaded is not None and [row["method"] for row in loaded] == [QLORA.label, MERGED]
+    save_comparison(rows, tmp_path, settings, budget, (1.5, 2.5))
+    saved = load_comparison(tmp_path, settings, budget)
+    assert saved is not None and saved["load_average"] == [1.5, 2.5]
+    loaded = saved["rows"]
+    assert [row["method"] for row in loaded] == [QLORA.label, MERGED]
     assert (
         loaded[0]["step_seconds"] == rows[0]["step_seconds"] and loaded[0]["test_accuracy"] == rows[0]["test_accuracy"]
     )

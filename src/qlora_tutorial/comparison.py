@@ -277,6 +277,7 @@ def compare_methods(settings: Settings, root: str | Path, budget: Budget | None 
     """
     budget = budget or budget_for(settings)
     root = Path(root)
+    load_before = os.getloadavg()[0]
     runs = {}
     for method in budget.methods:
         started = perf_counter()
@@ -291,7 +292,7 @@ def compare_methods(settings: Settings, root: str | Path, budget: Budget | None 
     labels = scored_labels(settings, budget)
     rows = [comparison_row(results, labels, spread(timings[method.label])) for method, (_, results) in runs.items()]
     rows.append({"method": MERGED, "latency_ms": spread(timings[MERGED])})
-    save_comparison(rows, root, settings, budget)
+    save_comparison(rows, root, settings, budget, (load_before, os.getloadavg()[0]))
     return rows
 
 
@@ -322,23 +323,26 @@ def comparison_key(settings: Settings, budget: Budget) -> dict[str, Any]:
     return {"settings": settings_record(budget_settings(settings, budget)), "budget": repr(budget)}
 
 
-def save_comparison(rows: Sequence[dict[str, Any]], root: str | Path, settings: Settings, budget: Budget) -> Path:
-    """Write the rows, with what they were measured on, to ``root/comparison.json``."""
+def save_comparison(
+    rows: Sequence[dict[str, Any]], root: str | Path, settings: Settings, budget: Budget, load: tuple[float, float]
+) -> Path:
+    """Write the rows, with what they were measured on and the 1-minute load average before and after."""
     path = Path(root) / COMPARISON_FILE
-    record = {**comparison_key(settings, budget), "rows": [row_to_json(row) for row in rows]}
+    record = {**comparison_key(settings, budget), "load_average": list(load), "rows": [row_to_json(r) for r in rows]}
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
 
-def load_comparison(root: str | Path, settings: Settings, budget: Budget) -> list[dict[str, Any]] | None:
-    """The rows notebook 06 measured on this budget, so ``make benchmark`` reports the same run; else ``None``."""
+def load_comparison(root: str | Path, settings: Settings, budget: Budget) -> dict[str, Any] | None:
+    """Notebook 06's rows and load averages on this budget, so ``make benchmark`` reports that run; else ``None``."""
     path = Path(root) / COMPARISON_FILE
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
     if {key: record.get(key) for key in ("settings", "budget")} != comparison_key(settings, budget):
         return None
-    return [row_from_json(row) for row in record["rows"]]
+    rows = [row_from_json(row) for row in record["rows"]]
+    return {"rows": rows, "load_average": record.get("load_average")}  # None: a run that did not record it
 
 
 def by_method(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
