@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, check every input, run the job, print its summary."""
     arguments = build_parser().parse_args(argv)
     from qlora_tutorial.comparison import QLORA, Method
+    from qlora_tutorial.distributed import is_first_rank
     from qlora_tutorial.pipeline import format_summary, train_and_evaluate
 
     try:
@@ -180,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(error)
     default_dir = settings.run_dir("qlora" if method == QLORA else method.slug)
     output_dir = Path(arguments.output_dir) if arguments.output_dir else default_dir
-    print(settings.table(), flush=True)
+    first_rank = is_first_rank()  # under `accelerate launch`, every process runs this: only one speaks
+    if first_rank:
+        print(settings.table(), flush=True)
     try:
         results = train_and_evaluate(
             settings,
@@ -192,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except UserInputError as error:  # a data file the checks refuse, found before the model loads
         return fail(error)
-    print("\n" + format_summary(results))
-    print(f"\nSaved to {output_dir} (results.json beside the weights).")
+    if first_rank:
+        print("\n" + format_summary(results))
+        print(f"\nSaved to {output_dir} (results.json beside the weights).")
     return 0
 
 

@@ -8,10 +8,13 @@ the adapters and the head, so the bytes exchanged per step are a fraction of
 full fine-tuning's: :func:`count_allreduce_bytes` measures them on a real DDP
 wrapper, :func:`gradient_bytes` predicts them.
 
-:func:`data_parallel_arguments` holds the two ``TrainingArguments`` that make
-a run of ``python -m qlora_tutorial train`` under ``accelerate launch`` train
+:func:`data_parallel_arguments` holds the ``TrainingArguments`` that make a
+run of ``python -m qlora_tutorial train`` under ``accelerate launch`` train
 the model one process would; :func:`parallel_record` is what the pipeline
 adds to ``results.json`` (world size, global batch, each rank's peak memory).
+The rest launches runs from the notebook: the repository's accelerate configs
+(``configs/``), the launch command, CPU-only ranks, and the error a failed
+launch ended with.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ def data_parallel_arguments(settings: Settings) -> dict[str, Any]:
         "average_tokens_across_devices": False,
         "ddp_find_unused_parameters": False,
     }
+
+
+def is_first_rank() -> bool:
+    """True in a single process, and in the rank-0 process under ``accelerate launch`` or ``torchrun``."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def world_size() -> int:
