@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qlora_tutorial import comparison
 from qlora_tutorial.__main__ import build_parser, settings_from_arguments
 from qlora_tutorial.comparison import (
     BUDGETS,
@@ -23,6 +22,7 @@ from qlora_tutorial.comparison import (
     reusable_run,
     run_logged,
     save_comparison,
+    scored_labels,
     train_command,
     train_method,
     trained_on_budget,
@@ -123,7 +123,7 @@ def test_a_method_trains_in_its_own_process_with_the_parents_settings(tiny_setti
     assert trained_on_budget(results, tiny_settings, QLORA, budget)
     assert reusable_run(tiny_settings, QLORA, [tmp_path / "q"], budget) == tmp_path / "q"
     assert reusable_run(tiny_settings, QLORA, [tmp_path / "q"], replace(budget, max_steps=3)) is None
-    labels = comparison.test_labels(tiny_settings, budget)  # through the module: pytest would collect a bare test_*
+    labels = scored_labels(tiny_settings, budget)
     row = comparison_row(results, labels, spread([3.0]))
     assert row["trainable_parameters"] < row["total_parameters"]
     assert row["test_accuracy"].low <= row["test_accuracy"].estimate <= row["test_accuracy"].high
