@@ -12,6 +12,7 @@ from qlora_tutorial.data import (
     load_ag_news,
     load_splits,
     make_collator,
+    shortest_first,
     stratified_indices,
     tokenize_splits,
 )
@@ -104,3 +105,12 @@ def test_fixed_padding_pads_every_row(tiny_settings):
     tokenizer = load_tokenizer(tiny_settings)
     tokenized = tokenize_splits(load_splits(tiny_settings), tokenizer, max_length=128, pad_to_max_length=True)
     assert {len(ids) for ids in tokenized["train"]["input_ids"]} == {128}
+
+
+def test_shortest_first_sorts_by_length_and_returns_the_order(tiny_settings):
+    tokenized = tokenize_splits(load_splits(tiny_settings), load_tokenizer(tiny_settings), max_length=128)
+    ordered, order = shortest_first(tokenized["test"])
+    lengths = [len(ids) for ids in ordered["input_ids"]]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    assert sorted(order.tolist()) == list(range(len(tokenized["test"])))
+    assert ordered["labels"] == [tokenized["test"]["labels"][i] for i in order]

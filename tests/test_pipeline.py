@@ -19,8 +19,9 @@ import pytest
 
 from qlora_tutorial.__main__ import main
 from qlora_tutorial.modeling import Precision
-from qlora_tutorial.pipeline import check_method, final_validation, format_summary
+from qlora_tutorial.pipeline import check_method, format_summary
 from qlora_tutorial.settings import MODEL_ENV
+from qlora_tutorial.training import final_validation
 
 RELOAD_SCRIPT = textwrap.dedent(
     """

@@ -14,7 +14,13 @@ from qlora_tutorial.metrics import classification_metrics, compute_metrics
 from qlora_tutorial.modeling import attach_lora, load_classifier, load_tokenizer
 from qlora_tutorial.pipeline import train_and_evaluate
 from qlora_tutorial.settings import Settings
-from qlora_tutorial.training import load_results, make_trainer, save_results, training_arguments
+from qlora_tutorial.training import (
+    load_results,
+    make_trainer,
+    predict_shortest_first,
+    save_results,
+    training_arguments,
+)
 
 
 def test_classification_metrics_on_a_known_case() -> None:
@@ -80,6 +86,12 @@ def test_loss_falls_and_the_reloaded_adapter_predicts_the_same(tiny_settings: Se
     after = predict_proba(load_trained(tiny_settings, tmp_path / "adapter"), tokenizer, texts)
     np.testing.assert_allclose(after, before, atol=1e-6)
     assert (after.argmax(axis=1) == before.argmax(axis=1)).all()
+
+    in_order = trainer.predict(tokenized["test"])
+    shortest_first = predict_shortest_first(trainer, tokenized["test"])
+    np.testing.assert_allclose(shortest_first.predictions, in_order.predictions, atol=1e-5)
+    np.testing.assert_array_equal(shortest_first.label_ids, in_order.label_ids)
+    assert shortest_first.metrics["test_accuracy"] == in_order.metrics["test_accuracy"]
 
 
 @pytest.mark.slow

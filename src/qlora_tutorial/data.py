@@ -226,6 +226,18 @@ def tokenize_splits(
     return encoded.rename_column("label", "labels")
 
 
+def shortest_first(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
+    """The tokenized rows sorted by length, and the order that sorted them (``dataset.select(order)``).
+
+    Evaluation batches are drawn in order, and dynamic padding pads each to its
+    longest row: sorted, a batch holds rows of similar length, so it pads
+    little. On AG News this halves the time of a pass over the test split on a
+    CPU (notebook 04). The order maps predictions back to the dataset's rows.
+    """
+    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+    return dataset.select(order), order
+
+
 def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
     """Pads each batch to its longest sequence (dynamic padding)."""
     return DataCollatorWithPadding(tokenizer=tokenizer)
