@@ -87,11 +87,11 @@ def markdown_report(record: dict[str, Any]) -> str:
         if load
         else "load average not recorded"
     )
-    recipes = (
-        recipe_summary(record["recipes"])
-        if record["recipes"]
-        else "The recipe comparison was not run this time (`make benchmark` with `--methods-only`)."
-    )
+    if record["recipes"]:
+        before, after = record["recipes_load_average"]
+        recipes = f"{recipe_summary(record['recipes'])} (1-minute load average {before:.1f} before, {after:.1f} after.)"
+    else:
+        recipes = "The recipe comparison was not run this time (`make benchmark` with `--methods-only`)."
     return "\n\n".join(
         [
             f"Measured on the `{record['profile']}` profile ({record['model']}, {steps} steps of batch "
@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         compare_methods(settings, runs, budget)
         measured = load_comparison(runs, settings, budget)
     rows = measured["rows"]
-    recipes = None if arguments.methods_only else compare_recipes(settings, runs / "recipes", budget)
+    recipes, recipes_load = None, None
+    if not arguments.methods_only:
+        load_before = os.getloadavg()[0]
+        recipes = compare_recipes(settings, runs / "recipes", budget)
+        recipes_load = [load_before, os.getloadavg()[0]]
     record = {
         "profile": settings.profile.name,
         "model": settings.model_name,
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [row_to_json(row) for row in rows],
         "verdicts": verdicts(rows),
         "recipes": json_ready(recipes) if recipes else None,
+        "recipes_load_average": recipes_load,
         "settings": settings_record(settings),
         "versions": library_versions(),
     }

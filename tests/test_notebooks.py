@@ -142,6 +142,7 @@ NOISE = {
     "tqdm's IProgress warning": re.compile(r"IProgress not found"),
     "a transformers LOAD REPORT": re.compile(r"LOAD REPORT"),
     "a FutureWarning": re.compile(r"FutureWarning"),
+    "bitsandbytes' kernels line (import qlora_tutorial first)": re.compile(r"Failed to load CPU gemm_4bit_forward"),
     "an ANSI escape code": re.compile(r"\x1b\["),
     "an object repr instead of a table": re.compile(r"<pandas\.io\.formats\.style\.Styler at 0x"),
 }
