@@ -80,7 +80,8 @@ def json_ready(value: Any) -> Any:
 def markdown_report(record: dict[str, Any]) -> str:
     """The results file the README includes: a one-line provenance, the table, the recipe comparison."""
     budget = record["budget"]
-    steps = budget["max_steps"] or "the profile's epochs of"
+    trained = record["rows"][0]["train_steps"]
+    steps = f"{trained} steps" if budget["max_steps"] else f"the profile's epochs, {trained} steps"
     load = record["load_average"]
     load_text = (
         f"1-minute load average {load[0]:.1f} before the methods were trained and {load[1]:.1f} after they were timed"
@@ -94,7 +95,7 @@ def markdown_report(record: dict[str, Any]) -> str:
         recipes = "The recipe comparison was not run this time (`make benchmark` with `--methods-only`)."
     return "\n\n".join(
         [
-            f"Measured on the `{record['profile']}` profile ({record['model']}, {steps} steps of batch "
+            f"Measured on the `{record['profile']}` profile ({record['model']}, {steps} of batch "
             f"{budget['batch_size']} per method, {budget['test_rows'] or 'all'} test rows) on a {record['machine']}, "
             f"{record['date']}, by {record['methods_source']}; {load_text}.",
             markdown_table(record["rows"]),

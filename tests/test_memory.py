@@ -7,7 +7,7 @@ import math
 import pytest
 from torch import nn
 
-from qlora_tutorial.memory import count_parameters, format_bytes, weight_memory
+from qlora_tutorial.memory import count_parameters, format_bytes, peak_is_own, weight_memory
 from qlora_tutorial.modeling import HEAD_MODULES, load_classifier
 from qlora_tutorial.settings import Settings
 
@@ -87,3 +87,9 @@ def test_count_parameters_counts_4bit_weights_at_logical_size(tiny_settings: Set
 )
 def test_format_bytes(count: int, text: str) -> None:
     assert format_bytes(count) == text
+
+
+def test_a_peak_is_a_runs_own_only_in_a_process_that_was_never_larger() -> None:
+    mib = 2**20
+    assert peak_is_own(baseline_bytes=650 * mib, peak_at_start_bytes=660 * mib)
+    assert not peak_is_own(baseline_bytes=1_850 * mib, peak_at_start_bytes=2_300 * mib)

@@ -161,18 +161,7 @@ def output_texts(notebook: nbformat.NotebookNode) -> list[str]:
     return texts
 
 
-# Outputs recorded before the library noise was silenced; their cpu-profile rerun is still to do (issue 12).
-# strict: once rerun, the test passes and the mark must go.
-AWAITING_RERUN = {"04_training", "05_testing_and_inference"}
-HYGIENE_CASES = [
-    pytest.param(path, marks=pytest.mark.xfail(strict=True, reason="outputs from before the noise fixes; rerun them"))
-    if path.stem in AWAITING_RERUN
-    else path
-    for path in NOTEBOOKS
-]
-
-
-@pytest.mark.parametrize("path", HYGIENE_CASES, ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_outputs_hold_nothing_a_learner_should_not_read(path: Path) -> None:
     notebook = load(path)
     texts = output_texts(notebook)

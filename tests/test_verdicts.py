@@ -31,6 +31,7 @@ def results(method: str, *, wrong: int, step: float, weight_mib: float, peak_mib
         "weight_bytes": weight_mib * 2**20,
         "quant_state_bytes": 0,
         "memory_baseline_bytes": 600 * 2**20,
+        "peak_at_start_bytes": 610 * 2**20,  # a fresh process: its peak is its own
         "peak_before_training_bytes": 900 * 2**20,
         "peak_after_training_bytes": (peak_mib - 10) * 2**20,
         "peak_memory_bytes": peak_mib * 2**20,
@@ -82,6 +83,19 @@ def test_verdicts_follow_the_rules():
     assert verdict(rows(qlora_wrong=60, lora_wrong=20), "Does QLoRA keep") == "LoRA more accurate"
     assert verdict(rows(20, 20, qlora_step=0.51), "Does QLoRA train faster") == "not settled"
     assert verdict(rows(20, 20, qlora_peak=2_500), "Does QLoRA need less").endswith("peak: LoRA smaller")
+
+
+def test_a_peak_from_a_process_that_trained_before_is_not_compared():
+    """Notebook 04's run, reused by 06, shares its kernel with the learning-rate sweep: its peak is the sweep's."""
+    reused = results(QLORA.label, wrong=20, step=0.8, weight_mib=50.9, peak_mib=2_400)
+    reused["peak_at_start_bytes"] = 2_300 * 2**20  # the kernel had been this large before the run began
+    row = comparison_row(reused, LABELS, spread([200] * 9))
+    assert row["peak_mib"] is None and row["training_increase_mib"] is None and row["baseline_mib"] == 600
+    found = [rows(20, 20)[0], row]
+    memory = next(v for v in verdicts(found) if v["question"].startswith("Does QLoRA need less"))
+    assert memory["measured"].endswith("peak not its own vs 1,650 MiB")
+    assert memory["verdict"].startswith("weights: QLoRA smaller; peak: not measured on equal terms")
+    assert "| - | - |" in markdown_table(found)
 
 
 def test_tables_show_every_row_and_every_verdict():

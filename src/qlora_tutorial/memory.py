@@ -163,3 +163,15 @@ def format_bytes(count: float) -> str:
     while abs(value) >= 1024 and unit < len(units) - 1:
         value, unit = value / 1024, unit + 1
     return f"{value:.0f} B" if unit == 0 else f"{value:.1f} {units[unit]}"
+
+
+def peak_is_own(baseline_bytes: int, peak_at_start_bytes: int, tolerance: float = 0.05) -> bool:
+    """Whether a run's peak memory is its own: the process had been no larger before the run began.
+
+    On the CPU the peak RSS is the process's high-water mark and never falls
+    (notebook 06), so a run in a process that earlier trained something bigger
+    reports that earlier peak. A fresh process (the command line), or a CUDA
+    peak reset at the start, passes; notebook 04's main run, after its
+    learning-rate sweep in the same kernel, does not.
+    """
+    return peak_at_start_bytes <= (1 + tolerance) * baseline_bytes

@@ -146,6 +146,7 @@ class RunRecord(StepTimer):
         self.started = perf_counter()
         self.baseline_bytes = resident_bytes(settings.device)
         reset_peak_memory(settings.device)
+        self.peak_at_start = peak_memory_bytes(settings.device)  # above the baseline: an earlier run's peak
         self.weights: dict[str, int] | None = None
         self.peak_before_training = 0
         self.peak_after_training = 0
@@ -227,6 +228,7 @@ class RunRecord(StepTimer):
             "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
             "paged_optimizer_state_bytes": paged,
             "memory_baseline_bytes": self.baseline_bytes,
+            "peak_at_start_bytes": self.peak_at_start,
             "peak_before_training_bytes": self.peak_before_training,
             "peak_after_training_bytes": self.peak_after_training,
             "peak_memory_bytes": peak_memory_bytes(device) + paged,
