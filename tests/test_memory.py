@@ -7,7 +7,12 @@ import math
 import pytest
 from torch import nn
 
-from qlora_tutorial.memory import count_parameters, format_bytes, peak_is_own, weight_memory
+from qlora_tutorial.memory import (
+    count_parameters,
+    format_bytes,
+    peak_is_own,
+    weight_memory,
+)
 from qlora_tutorial.modeling import HEAD_MODULES, load_classifier
 from qlora_tutorial.settings import Settings
 

@@ -9,9 +9,11 @@ paper's 4.127 rather than an optimistic 4.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import bitsandbytes as bnb
 import psutil
@@ -142,16 +144,43 @@ def resident_bytes(device: str) -> int:
     return psutil.Process().memory_info().rss
 
 
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
 def reset_peak_memory(device: str) -> None:
-    """Start a new peak measurement on CUDA. On the CPU the peak RSS cannot be reset: use a fresh process."""
+    """Start a new peak measurement: CUDA's counters, or on Linux the process's own high-water mark.
+
+    Linux resets a process's peak resident set to its current size when it
+    writes ``5`` to ``/proc/self/clear_refs`` (Linux 4.0 and later). Where it
+    cannot (macOS, a locked-down container), the peak stays the process's
+    lifetime peak, which ``peak_is_own`` detects.
+    """
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):  # no procfs, or not allowed: peak_is_own tells such a run apart
+        PROC_CLEAR_REFS.write_text("5")
 
 
 def peak_memory_bytes(device: str) -> int:
-    """Peak memory: CUDA's max allocated bytes on a GPU, the process's peak resident set on the CPU."""
+    """Peak memory: CUDA's max allocated bytes on a GPU, the process's peak resident set on the CPU.
+
+    On Linux the CPU peak is ``VmHWM`` from ``/proc/self/status``, this
+    process's own mark since it started or since ``reset_peak_memory``.
+    ``getrusage``'s ``ru_maxrss`` is the fallback, but on Linux a child
+    process inherits its parent's resident size in it: a run started from a
+    notebook would report the notebook's memory as its own peak.
+    """
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
+    try:
+        status = PROC_STATUS.read_text().splitlines()
+    except OSError:
+        status = []
+    for line in status:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

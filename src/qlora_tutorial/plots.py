@@ -337,11 +337,12 @@ def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> 
 
     Each row holds ``method``, ``weight_mib``, ``peak_mib``, ``peak_kind``, ``validation_accuracy`` and
     ``test_accuracy``, an ``uncertainty.Interval`` drawn with its 95% error bar (``comparison.comparison_row``);
-    rows without a peak (inference-only) are left out.
+    rows without a test accuracy (inference-only) are left out. A peak that is not the run's own
+    (``peak_mib`` None, ``memory.peak_is_own``) gets no bar, only a note.
     Weights and peak memory get separate panels: on one axis the tens of MiB of weights would vanish next to a
     peak of over a GiB.
     """
-    rows = [row for row in rows if row.get("peak_mib") is not None]
+    rows = [row for row in rows if row.get("test_accuracy") is not None]
     names = [str(row["method"]).replace(" (", "\n(") for row in rows]
     kinds = " / ".join(sorted({str(row["peak_kind"]) for row in rows}))
     x = np.arange(len(rows))
@@ -350,8 +351,9 @@ def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> 
         (weights, "weight_mib", "weight memory (MiB)", "Weights (quantization state included)", "tab:blue"),
         (peak, "peak_mib", f"peak memory, {kinds} (MiB)", "Peak memory while training", "tab:red"),
     ):
-        bars = axis.bar(x, [float(row[key]) for row in rows], color=color)
-        axis.bar_label(bars, fmt="%.0f", fontsize=8)
+        values = [row[key] for row in rows]
+        bars = axis.bar(x, [0.0 if value is None else float(value) for value in values], color=color)
+        axis.bar_label(bars, labels=["not its own" if v is None else f"{float(v):.0f}" for v in values], fontsize=8)
         axis.set(ylabel=ylabel, title=subtitle)
         axis.margins(y=0.12)
     validation = accuracy.bar(x - 0.2, [float(row["validation_accuracy"]) for row in rows], width=0.4)
