@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from test_verdicts import history, rows
+from test_verdicts import recipe_runs, rows
 
 from qlora_tutorial.comparison import compare_recipe_runs
 from qlora_tutorial.uncertainty import spread
@@ -62,15 +62,7 @@ def test_the_report_says_what_ran_and_under_which_load() -> None:
     assert "load average 0.4 before the methods were trained and 1.9 after" in report
     assert "recipe comparison was not run" in report
 
-    reference = {
-        "log_history": history([(50, 0.26), (100, 0.27)]),
-        "rows": {"validation": 800},
-        "validation_accuracy": 0.27,
-        "train_steps": 100,
-        "step_seconds": [1.4] * 20,
-    }
-    ours = {"log_history": history([(50, 0.86)]), "validation_accuracy": 0.9, "step_seconds": [1.0] * 20}
-    recipes = {**compare_recipe_runs(reference, ours), "reference_recipe": "pad", "our_recipe": "dynamic"}
+    recipes = {**compare_recipe_runs(*recipe_runs()), "reference_recipe": "pad", "our_recipe": "dynamic"}
     report = benchmark().markdown_report(record(recipes, [1.2, 2.3]))
     assert "never left chance in 100 steps" in report
     assert "(1-minute load average 1.2 before, 2.3 after.)" in report
