@@ -1,8 +1,10 @@
 """The whole run in one function: load, quantize, attach LoRA, train, evaluate, save.
 
-``python -m qlora_tutorial train`` calls it; notebooks 04 and 06 and the
-benchmarks reuse it, so a number in the README and one in a notebook come
-from the same code.
+``python -m qlora_tutorial train`` calls it, and through it notebook 06, notebook 07
+and the benchmark; notebook 05 calls it when no adapter was saved. Notebook 04
+writes the same steps out in its own cells (``training.RunRecord``,
+``tests/test_trainer_in_view.py``), so a number in the README and one in a
+notebook come from the same code.
 """
 
 from __future__ import annotations
