@@ -86,7 +86,7 @@ def test_verdicts_follow_the_rules():
 
 
 def test_a_peak_from_a_process_that_trained_before_is_not_compared():
-    """Notebook 04's run, reused by 06, shares its kernel with the learning-rate sweep: its peak is the sweep's."""
+    """Where the mark cannot be reset (macOS), notebook 04's run after the sweep reports the sweep's peak."""
     reused = results(QLORA.label, wrong=20, step=0.8, weight_mib=50.9, peak_mib=2_400)
     reused["peak_at_start_bytes"] = 2_300 * 2**20  # the kernel had been this large before the run began
     row = comparison_row(reused, LABELS, spread([200] * 9))

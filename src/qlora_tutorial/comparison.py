@@ -242,7 +242,8 @@ def memory_row(results: dict[str, Any]) -> dict[str, Any]:
     """The memory a run measured, in MiB: the baseline before loading, the peak, and its rise in training.
 
     The peak and the rise are ``None`` where the peak is not the run's own
-    (``memory.peak_is_own``: a run reused from a process that trained before).
+    (``memory.peak_is_own``: a run in a process that had been larger before it
+    began, whose peak could not be reset).
     """
     own = peak_is_own(results["memory_baseline_bytes"], results["peak_at_start_bytes"])
     before, after = results["peak_before_training_bytes"], results["peak_after_training_bytes"]

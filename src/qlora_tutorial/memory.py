@@ -197,10 +197,12 @@ def format_bytes(count: float) -> str:
 def peak_is_own(baseline_bytes: int, peak_at_start_bytes: int, tolerance: float = 0.05) -> bool:
     """Whether a run's peak memory is its own: the process had been no larger before the run began.
 
-    On the CPU the peak RSS is the process's high-water mark and never falls
-    (notebook 06), so a run in a process that earlier trained something bigger
-    reports that earlier peak. A fresh process (the command line), or a CUDA
-    peak reset at the start, passes; notebook 04's main run, after its
-    learning-rate sweep in the same kernel, does not.
+    On the CPU the peak RSS is the process's high-water mark and does not fall
+    when memory is freed (notebook 06), so a run in a process that earlier
+    trained something bigger reports that earlier peak, unless the mark was
+    reset when the run began (``reset_peak_memory``: CUDA, and Linux). A fresh
+    process passes, and so does notebook 04's main run on Linux; where the
+    reset is not possible (macOS), a run after 04's learning-rate sweep in the
+    same kernel does not.
     """
     return peak_at_start_bytes <= (1 + tolerance) * baseline_bytes

@@ -146,7 +146,7 @@ class RunRecord(StepTimer):
         self.started = perf_counter()
         self.baseline_bytes = resident_bytes(settings.device)
         reset_peak_memory(settings.device)
-        self.peak_at_start = peak_memory_bytes(settings.device)  # above the baseline: an earlier run's peak
+        self.peak_at_start = peak_memory_bytes(settings.device)  # above the baseline: the reset failed
         self.weights: dict[str, int] | None = None
         self.peak_before_training = 0
         self.peak_after_training = 0
