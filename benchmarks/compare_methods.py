@@ -1,6 +1,7 @@
-"""Full fine-tuning vs LoRA vs QLoRA, and the reference recipe vs ours: ``make benchmark`` (not run by CI).
+"""Full fine-tuning vs LoRA vs QLoRA vs all-linear QLoRA, and the reference recipe vs ours: ``make benchmark``.
 
-The same comparison as notebook 06 (``qlora_tutorial.comparison``), on the
+Not run by CI. The same comparison as notebook 06 (``qlora_tutorial.comparison``:
+every method trained in its own process, speed judged by paired tests), on the
 profile's budget (``QLORA_PROFILE``): where notebook 06 already measured it on
 this budget (``runs/<profile>/comparison/comparison.json``), those very rows
 are reported, so the README and the notebook state one run; then the recipe

@@ -1,4 +1,4 @@
-"""Shared fixtures: a random-init tiny BERT saved like a Hub model, and AG News folders."""
+"""Shared fixtures: a random-init tiny BERT and tiny Llama saved like Hub models, and AG News folders."""
 
 from __future__ import annotations
 
@@ -11,11 +11,19 @@ import pandas as pd
 import pytest
 import torch
 from huggingface_hub import constants as hub
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from qlora_tutorial.data import LABEL_NAMES, SPLIT_FILES, load_ag_news
+from qlora_tutorial.errors import MissingInputError
 from qlora_tutorial.settings import DATA_DIR_ENV, Settings, load_settings
-from qlora_tutorial.sources import packaged_minilm_dir
+from qlora_tutorial.sources import packaged_minilm_dir, packaged_smollm2_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "ag_news"
@@ -120,3 +128,77 @@ def tiny_settings(monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, tiny_dat
     """Smoke-profile settings on the tiny BERT and the tiny data."""
     monkeypatch.setenv("QLORA_MODEL", str(tiny_bert_dir))
     return load_settings("smoke", data_dir=tiny_data_dir)
+
+
+def fake_cuda(monkeypatch: pytest.MonkeyPatch, name: str, capability: tuple[int, int]) -> None:
+    """Make ``torch.cuda`` answer as the named GPU does, on a machine without one.
+
+    ``is_bf16_supported`` answers the way torch 2.13's does: True at compute
+    capability 8.0 or higher, and below that True by default (a bf16 tensor can
+    be made, so emulation counts) and False only with ``including_emulation=False``.
+    """
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability >= (8, 0) or including_emulation
+    )
+
+
+@pytest.fixture
+def fake_t4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA faked as Colab's Tesla T4 (compute capability 7.5: bf16 only emulated)."""
+    fake_cuda(monkeypatch, "Tesla T4", (7, 5))
+
+
+@pytest.fixture
+def fake_a100(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA faked as an NVIDIA A100 (compute capability 8.0: native bf16)."""
+    fake_cuda(monkeypatch, "NVIDIA A100-SXM4-40GB", (8, 0))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer and chat template, read once from the packaged GGUF file and saved."""
+    try:
+        gguf_path = packaged_smollm2_gguf()
+    except MissingInputError as error:
+        pytest.skip(f"The decoder tests need SmolLM2's tokenizer: {error}")
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def decoder_tokenizer(smollm2_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer (49,152 tokens, with its chat template), shared: tests must not change it."""
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, decoder_tokenizer: PreTrainedTokenizerBase) -> Path:
+    """A randomly initialised 2-layer, 32-wide Llama with SmolLM2's tokenizer, saved as safetensors.
+
+    Its weights are drawn ten times wider than a Llama's default, so its
+    next-token scores differ clearly from token to token (the default gives
+    near-uniform ones, against which a scoring test could not fail).
+    """
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(decoder_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        bos_token_id=decoder_tokenizer.bos_token_id,
+        eos_token_id=decoder_tokenizer.eos_token_id,
+        pad_token_id=decoder_tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    decoder_tokenizer.save_pretrained(folder)
+    return folder

@@ -16,7 +16,6 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import bitsandbytes as bnb
 import nbformat
@@ -133,16 +132,12 @@ def quoted(message: str) -> bool:
     return message in TROUBLESHOOTING
 
 
-def test_quoted_settings_errors_are_current(tmp_path: Path) -> None:
+def test_quoted_settings_errors_are_current(tmp_path: Path, fake_t4: None) -> None:
     with pytest.raises(ValueError) as unknown:
         get_profile("laptop")
     with pytest.raises(FileNotFoundError) as no_folder:
         load_settings("smoke", data_dir=tmp_path / "ag_news")
-    with (
-        mock.patch("torch.cuda.is_bf16_supported", return_value=False),
-        mock.patch("torch.cuda.get_device_name", return_value="Tesla T4"),
-        pytest.raises(ValueError) as t4,
-    ):
+    with pytest.raises(ValueError) as t4:
         compute_dtype_for("cuda", torch.bfloat16)
     assert quoted(f"ValueError: {unknown.value}")
     assert quoted(f"FileNotFoundError: {no_folder.value}".replace(str(tmp_path / "ag_news"), PLACEHOLDER_DIR))

@@ -60,13 +60,38 @@ def test_no_budget_options_change_nothing():
         ("--eval-steps", "0", "must be a positive integer, got 0"),
         ("--validation-fraction", "1.5", "must be a number between 0 and 1, got 1.5"),
         ("--seed", "-2", "must be zero or a positive integer, got -2"),
+        (
+            "--target-modules",
+            "query,,value",
+            "must be all-linear or layer names separated by commas, e.g. query,value; got 'query,,value'",
+        ),
+        ("--target-modules", "", "must be all-linear or layer names separated by commas"),
     ],
 )
 def test_a_bad_option_value_ends_in_one_error_line(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(option, value)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: argument {option}: {message}")
+    assert f"error: argument {option}: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_target_modules_are_all_linear_or_layer_names():
+    assert parse().target_modules is None
+    assert parse("--target-modules", "all-linear").target_modules == "all-linear"
+    assert parse("--target-modules", "query,key,value").target_modules == ("query", "key", "value")
+
+
+def test_target_modules_that_match_no_layer_end_in_one_error_line(tmp_path, capsys, tiny_bert_dir, tiny_data_dir):
+    output = tmp_path / "run"
+    arguments = ["train", "--profile", "smoke", "--model", str(tiny_bert_dir), "--data-dir", str(tiny_data_dir)]
+    assert main([*arguments, "--target-modules", "q_proj,v_proj", "--output-dir", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: No layer of {tiny_bert_dir} matches the target modules q_proj, v_proj. Name its linear layers "
+        "(a BERT's are query, key, value and dense), or pass all-linear."
+    )
+    assert not output.exists(), "nothing was trained"
 
 
 def write_splits(folder: Path, train: pd.DataFrame, test: pd.DataFrame | None = None) -> Path:
@@ -184,8 +209,23 @@ SMOKE = {"QLORA_PROFILE": "smoke"}
         (["--data-dir", "{tmp}/a_file"], SMOKE, "error: The data folder {tmp}/a_file is a file, not a folder"),
         ([], {**SMOKE, "QLORA_MODEL": "{tmp}/no/model"}, "error: QLORA_MODEL={tmp}/no/model is neither an existing"),
         (["--model", "{tmp}"], SMOKE, "error: model={tmp} is a folder without config.json"),
+        (
+            ["--precision", "fp32", "--no-lora", "--target-modules", "all-linear"],
+            SMOKE,
+            "error: --target-modules says which layers get LoRA adapters, and full fine-tuning (--no-lora) has none",
+        ),
     ],
-    ids=["profile", "profile-env", "precision", "no-lora-4bit", "no-folder", "file", "model-env", "model-folder"],
+    ids=[
+        "profile",
+        "profile-env",
+        "precision",
+        "no-lora-4bit",
+        "no-folder",
+        "file",
+        "model-env",
+        "model-folder",
+        "no-lora-targets",
+    ],
 )
 def test_bad_settings_end_in_one_error_line_before_anything_loads(
     arguments, environment, message, tmp_path, monkeypatch, capsys
@@ -238,11 +278,72 @@ def test_budget_options_reach_the_run(tiny_bert_dir: Path, tiny_data_dir: Path, 
 
 def test_the_default_run_goes_where_the_notebooks_look(monkeypatch, tiny_bert_dir, tmp_path):
     """Without --output-dir the reference QLoRA run lands in settings.run_dir("qlora"), other methods beside it."""
-    saved = []
-    monkeypatch.setattr("qlora_tutorial.pipeline.train_and_evaluate", lambda settings, out, *a, **k: saved.append(out))
+    saved, configs = [], []
+
+    def train(settings, out, *arguments, lora_config=None, **options):
+        saved.append(out)
+        configs.append(lora_config and lora_config.target_modules)
+
+    monkeypatch.setattr("qlora_tutorial.pipeline.train_and_evaluate", train)
     monkeypatch.setattr("qlora_tutorial.pipeline.format_summary", lambda results: "")
     monkeypatch.setenv("QLORA_MODEL", str(tiny_bert_dir))
     assert main(["train", "--profile", "smoke"]) == 0
     assert main(["train", "--profile", "smoke", "--precision", "fp32", "--no-lora"]) == 0
+    assert main(["train", "--profile", "smoke", "--target-modules", "all-linear"]) == 0
     runs = tmp_path / "runs" / "smoke"
-    assert saved == [runs / "qlora", runs / "full-fp32"]
+    assert saved == [runs / "qlora", runs / "full-fp32", runs / "qlora-nf4-dq-all-linear"]
+    assert configs == [None, None, "all-linear"], "the adapters go where --target-modules says"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--profile", "huge"], "error: Unknown profile 'huge'. Valid profiles: smoke, cpu, gpu"),
+        (["--profile", "smoke", "--precision", "int3"], "error: Unknown precision 'int3'. Valid precisions: fp32"),
+        (["--profile", "smoke", "--model", "{tmp}"], "error: --model={tmp} is a folder without config.json"),
+        (["--profile", "smoke", "--model", "{tmp}/no/model"], "error: --model={tmp}/no/model is neither an existing"),
+        (["--profile", "smoke", "--data-dir", "{tmp}/nowhere"], "error: The data folder {tmp}/nowhere does not exist"),
+    ],
+    ids=["profile", "precision", "model-folder", "model-path", "no-data-folder"],
+)
+def test_bad_decoder_input_ends_in_one_error_line_before_anything_loads(arguments, message, tmp_path, capsys):
+    options = [option.format(tmp=tmp_path) for option in arguments]
+    assert main(["train-decoder", *options, "--output-dir", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [captured.err.strip()], "exactly one line"
+    assert captured.err.startswith(message.format(tmp=tmp_path))
+    assert captured.out == "", "refused before the settings table, so before any work"
+
+
+def test_decoder_options_reach_the_run(monkeypatch, tmp_path, tiny_data_dir):
+    runs = []
+
+    def train(settings, profile, output_dir, precision, *, gradient_checkpointing):
+        runs.append((settings, profile, output_dir, precision.value, gradient_checkpointing))
+        return {"method": "LoRA (fp32 base)", "train_steps": 3, "tokens_per_second": 9.0, "peak_memory_bytes": 2**20}
+
+    monkeypatch.setattr("qlora_tutorial.decoder_pipeline.train_decoder", train)
+    options = ["--profile", "smoke", "--data-dir", str(tiny_data_dir), "--precision", "fp32", "--steps", "3"]
+    assert main(["train-decoder", *options, "--gradient-checkpointing", "--model", "HuggingFaceTB/SmolLM2-360M"]) == 0
+    assert main(["train-decoder", "--profile", "smoke", "--data-dir", str(tiny_data_dir)]) == 0
+    (settings, profile, output_dir, precision, checkpointing), default = runs
+    assert (profile.steps, profile.model_name, precision, checkpointing) == (
+        3,
+        "HuggingFaceTB/SmolLM2-360M",
+        "fp32",
+        True,
+    )
+    assert settings.data_dir == tiny_data_dir and output_dir == tmp_path / "runs" / "smoke" / "decoder"
+    assert (default[1].steps, default[1].model_name, default[3]) == (4, "packaged:SmolLM2-135M-Instruct", "nf4-dq")
+
+
+@pytest.mark.slow
+def test_train_decoder_fine_tunes_a_tiny_llama(tiny_llama_dir, tiny_data_dir, tmp_path, capsys):
+    output = tmp_path / "decoder"
+    options = ["--profile", "smoke", "--model", str(tiny_llama_dir), "--data-dir", str(tiny_data_dir)]
+    assert main(["train-decoder", *options, "--steps", "2", "--output-dir", str(output)]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["method"] == "QLoRA (nf4-dq)" and results["train_steps"] == 2
+    assert results["tokens_seen"] > 0 and results["tokens_per_second"] > 0
+    assert (output / "adapter_config.json").is_file() and (output / "chat_template.jinja").is_file()
+    assert f"QLoRA (nf4-dq): 2 steps, {results['tokens_per_second']:.0f} tokens/s" in capsys.readouterr().out

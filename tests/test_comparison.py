@@ -1,3 +1,4 @@
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from qlora_tutorial.comparison import (
     MERGED,
     METHODS,
     QLORA,
+    QLORA_ALL_LINEAR,
     Budget,
     Method,
     budget_for,
@@ -26,8 +28,10 @@ from qlora_tutorial.comparison import (
     train_command,
     train_method,
     trained_on_budget,
+    trained_results,
     validation_curve,
 )
+from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.inference import predict_proba
 from qlora_tutorial.modeling import Precision, load_tokenizer
 from qlora_tutorial.settings import PROFILES, Settings, load_settings, with_profile_changes
@@ -46,6 +50,25 @@ def test_methods_have_distinct_folders_and_labels():
     """Each method's run gets its own folder and row, so none overwrites another."""
     assert len({method.slug for method in METHODS}) == len(METHODS)
     assert len({method.label for method in METHODS}) == len(METHODS)
+
+
+def test_all_linear_qlora_is_a_method_of_its_own():
+    assert QLORA_ALL_LINEAR in METHODS
+    assert (QLORA_ALL_LINEAR.label, QLORA_ALL_LINEAR.slug) == (
+        "QLoRA (nf4-dq, all linear layers)",
+        "qlora-nf4-dq-all-linear",
+    )
+    names = Method(Precision.NF4_DQ, target_modules=("query", "key"))
+    assert (names.label, names.slug, names.target_option) == (
+        "QLoRA (nf4-dq, on key, query)",
+        "qlora-nf4-dq-query-key",
+        "query,key",
+    )
+
+
+def test_target_modules_without_adapters_are_refused():
+    with pytest.raises(UserInputError, match=r"full fine-tuning \(--no-lora\) has none"):
+        Method(Precision.FP32, use_lora=False, target_modules="all-linear")
 
 
 def test_full_finetuning_of_a_4bit_base_is_refused():
@@ -78,6 +101,8 @@ def test_train_command_carries_the_budget_and_gives_full_finetuning_its_own_rate
     assert "--learning-rate 2e-05" in text and f"--data-dir {tiny_data_dir}" in text
     assert command[-2:] == ["--eval-steps", "3"]
     assert "--no-lora" not in train_command(settings, QLORA, "out", budget)
+    assert "--target-modules" not in train_command(settings, QLORA, "out", budget)
+    assert "--target-modules all-linear" in " ".join(train_command(settings, QLORA_ALL_LINEAR, "out", budget))
 
 
 def child_settings(command: list[str]) -> Settings:
@@ -86,7 +111,7 @@ def child_settings(command: list[str]) -> Settings:
     return settings_from_arguments(build_parser().parse_args(command[3:]))
 
 
-@pytest.mark.parametrize("method", [QLORA, FULL], ids=lambda method: method.slug)
+@pytest.mark.parametrize("method", [QLORA, FULL, QLORA_ALL_LINEAR], ids=lambda method: method.slug)
 def test_the_new_process_trains_with_the_parents_settings_whatever_its_environment(
     monkeypatch, tiny_bert_dir, tiny_data_dir, method
 ):
@@ -95,7 +120,9 @@ def test_the_new_process_trains_with_the_parents_settings_whatever_its_environme
     monkeypatch.setenv("QLORA_PROFILE", "cpu")  # what the child inherits must not matter
     monkeypatch.setenv("QLORA_MODEL", "prajjwal1/bert-tiny")
     budget = Budget((method,), max_steps=3, test_rows=None, latency_texts=2, eval_steps=1, full_learning_rate=2e-5)
-    child = child_settings(train_command(parent, method, "out", budget))
+    command = train_command(parent, method, "out", budget)
+    child = child_settings(command)
+    assert build_parser().parse_args(command[3:]).target_modules == method.target_modules
     expected = budget_settings(parent, budget)
     if not method.use_lora:
         expected = with_profile_changes(expected, learning_rate=budget.full_learning_rate)
@@ -106,6 +133,25 @@ def test_the_new_process_keeps_the_pinned_revision():
     parent = load_settings("gpu")
     child = child_settings(train_command(parent, QLORA, "out", budget_for(parent)))
     assert (child.model_name, child.model_revision) == (parent.model_name, parent.model_revision)
+
+
+def test_qlora_trains_in_a_new_process_even_where_notebook_04_left_a_run_on_the_budget(monkeypatch, tmp_path, capsys):
+    """04's run trained in that notebook's kernel, from another baseline: 06 no longer reuses it."""
+    settings, budget = load_settings("smoke"), BUDGETS["smoke"]
+    notebook_04 = settings.run_dir("qlora")  # as if 04 had trained QLoRA on this very budget
+    monkeypatch.setattr(
+        "qlora_tutorial.comparison.reusable_run",
+        lambda s, m, folders, b: notebook_04 if notebook_04 in folders else None,
+    )
+    trained = []
+    monkeypatch.setattr(
+        "qlora_tutorial.comparison.train_method", lambda s, method, folder, b: trained.append(folder) or {"new": 1}
+    )
+    folder, results = trained_results(settings, QLORA, tmp_path / "comparison", budget)
+    assert (folder, results) == (tmp_path / "comparison" / QLORA.slug, {"new": 1})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{QLORA.label}: training in a new process ..."
+    assert re.fullmatch(rf"{re.escape(QLORA.label)}: trained in \d+ s", printed[1])
 
 
 def test_failed_run_raises_with_the_end_of_its_log(tmp_path):
@@ -124,7 +170,7 @@ def test_a_method_trains_in_its_own_process_with_the_parents_settings(tiny_setti
     assert reusable_run(tiny_settings, QLORA, [tmp_path / "q"], budget) == tmp_path / "q"
     assert reusable_run(tiny_settings, QLORA, [tmp_path / "q"], replace(budget, max_steps=3)) is None
     labels = scored_labels(tiny_settings, budget)
-    row = comparison_row(results, labels, spread([3.0]))
+    row = comparison_row(results, labels, [3.0])
     assert row["trainable_parameters"] < row["total_parameters"]
     assert row["test_accuracy"].low <= row["test_accuracy"].estimate <= row["test_accuracy"].high
     model = load_for_inference(tiny_settings, tmp_path / "q", results)

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from qlora_tutorial import pipeline
 from qlora_tutorial.__main__ import main
+from qlora_tutorial.cpu_packing import linear4bit_layers
 from qlora_tutorial.data import LABEL_NAMES, load_splits
 from qlora_tutorial.distributed import (
     DDP_CPU_CONFIG,
@@ -29,16 +30,19 @@ from qlora_tutorial.distributed import (
     accelerate_config,
     accelerate_launch,
     count_allreduce_bytes,
+    count_broadcast_bytes,
     data_parallel_arguments,
     gather_per_rank,
     gradient_bytes,
     launch_error,
+    ring_allreduce_bytes,
     run_on_cpu,
     single_process_group,
     strip_paths,
 )
+from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.inference import load_trained, predict_proba
-from qlora_tutorial.memory import count_parameters
+from qlora_tutorial.memory import count_parameters, tensor_bytes
 from qlora_tutorial.modeling import Precision, attach_lora, load_classifier, load_tokenizer, reference_lora_config
 from qlora_tutorial.projection import (
     LLAMA2_70B,
@@ -187,6 +191,26 @@ def test_ddp_all_reduces_exactly_the_trainable_gradients(tiny_settings, precisio
     assert counted == gradient_bytes(model) == 4 * count_parameters(model).trainable  # fp32 gradients
 
 
+def test_ddp_broadcasts_every_parameter_and_buffer_once_and_the_buffers_each_forward(tiny_settings):
+    model = attach_lora(load_classifier(tiny_settings, Precision.NF4_DQ))
+    parameters = sum(tensor_bytes(p) for p in model.parameters())
+    buffers = sum(tensor_bytes(b) for b in model.buffers())
+    frozen_4bit = sum(tensor_bytes(layer.weight) for layer in linear4bit_layers(model))
+    with single_process_group():
+        at_start, per_forward = count_broadcast_bytes(model, tiny_batch(tiny_settings))
+    assert buffers > 0 and frozen_4bit > 0
+    assert at_start == parameters + buffers  # the frozen 4-bit weights included, their quantization state not
+    assert per_forward == buffers
+
+
+def test_ring_all_reduce_sends_two_n_minus_one_over_n_of_the_buffer():
+    assert ring_allreduce_bytes(301_072, 1) == 0
+    assert ring_allreduce_bytes(301_072, 2) == 301_072
+    assert ring_allreduce_bytes(301_072, 8) == pytest.approx(1.75 * 301_072)
+    with pytest.raises(UserInputError, match="at least 1"):
+        ring_allreduce_bytes(10, 0)
+
+
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
 def test_sharding_probe_in_one_rank(tiny_settings):
     alone = probe(tiny_settings, "none", steps=2, global_batch=4)
@@ -198,6 +222,7 @@ def test_sharding_probe_in_one_rank(tiny_settings):
     memory = alone["ranks"][0]
     assert memory["optimizer_state"] == 2 * memory["gradients"]  # AdamW: two moments per trainable parameter
     assert wrapped["fsdp2"]["ranks"] == alone["ranks"]  # one shard of one is everything
+    assert memory["quant_state"] > 0 and wrapped["fsdp2"]["ranks"][0]["quant_state"] == memory["quant_state"]
     assert wrapped["fsdp1"]["error"] == "ValueError: Cannot flatten integer dtype tensors"
 
 

@@ -38,18 +38,24 @@ def test_report_without_a_gpu_runs_4bit_on_the_cpu(monkeypatch):
     assert text.splitlines()[-2].startswith("READY")
 
 
-def test_report_on_a_bf16_gpu_picks_the_gpu_profile(monkeypatch):
+def test_report_on_a_bf16_gpu_picks_the_gpu_profile(monkeypatch, fake_a100):
     """The GPU branch, on any machine: CUDA is faked, and so is the round trip that would run on it."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA A100")
     round_trips = []
     monkeypatch.setattr(doctor, "nf4_round_trip_error", lambda device: round_trips.append(device) or 0.09)
     text = report(run_checks())
     assert round_trips == ["cuda"]
     assert "NVIDIA A100" in text and "compute capability  8.0" in text
+    assert "compute dtype       bfloat16: compute capability 8.0 has native bf16" in text
     assert "gpu (bfloat16 compute" in text
+
+
+def test_report_on_a_t4_says_fp16_and_why(monkeypatch, fake_t4):
+    """A T4 answers is_bf16_supported() True (emulation counts); the doctor must still say fp16, with the reason."""
+    monkeypatch.setattr(doctor, "nf4_round_trip_error", lambda device: 0.09)
+    text = report(run_checks())
+    assert "Tesla T4" in text and "compute capability  7.5" in text
+    assert "float16: compute capability 7.5 has no native bf16 (it needs 8.0; below, bf16 is emulated)" in text
+    assert "gpu (float16 compute" in text
 
 
 def test_unknown_profile_makes_the_doctor_fail(monkeypatch, capsys):

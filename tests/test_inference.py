@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from qlora_tutorial import inference
 from qlora_tutorial.inference import (
-    full_precision,
     hardest_mistakes,
     latencies_ms,
     load_requantized,
@@ -120,18 +120,30 @@ def test_loading_a_missing_adapter_says_to_train_first(tiny_settings: Settings, 
 
 
 @pytest.mark.parametrize(
-    ("device", "compute_dtype", "expected"),
-    [
-        ("cpu", torch.float32, Precision.FP32),
-        ("cuda", torch.bfloat16, Precision.BF16),
-        ("cuda", torch.float16, Precision.FP16),
-    ],
+    ("device", "compute_dtype"),
+    [("cpu", torch.float32), ("cuda", torch.bfloat16), ("cuda", torch.float16)],
 )
-def test_full_precision_is_fp32_on_cpu_and_the_compute_dtype_on_a_gpu(
-    tiny_settings: Settings, device: str, compute_dtype: torch.dtype, expected: Precision
+def test_merges_are_built_in_fp32_on_every_device(
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_settings: Settings,
+    adapter_dir: Path,
+    device: str,
+    compute_dtype: torch.dtype,
 ) -> None:
+    """On a GPU too the merge base is fp32, not the 16-bit compute dtype (the loads run on this CPU, recorded)."""
+    requested = []
+
+    def recording_load(settings: Settings, precision: Precision | str = inference.QLORA_PRECISION) -> object:
+        requested.append((settings.device, Precision(precision)))
+        return load_classifier(tiny_settings, precision)
+
+    monkeypatch.setattr(inference, "load_classifier", recording_load)
     chosen = replace(tiny_settings, device=device, compute_dtype=compute_dtype)
-    assert full_precision(chosen) is expected
+    base = inference.dequantized_base(chosen)
+    inference.merge_into_original(chosen, adapter_dir)
+    assert inference.MERGE_PRECISION is Precision.FP32
+    assert sorted(requested) == [(device, Precision.FP32), (device, Precision.FP32), (device, Precision.NF4_DQ)]
+    assert {parameter.dtype for parameter in base.parameters()} == {torch.float32}
 
 
 def test_hardest_mistakes_are_the_most_confident_wrong_ones() -> None:

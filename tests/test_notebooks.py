@@ -81,7 +81,11 @@ def test_closing_sections_in_order(path: Path) -> None:
     level_two = [text for level, text, _ in headings(load(path)) if level == 2]
     closing = [text for text in level_two if text in ("Summary", "Exercises", "What's next")]
     assert closing == ["Summary", "Exercises", "What's next"]
-    assert level_two[-3:] == closing, "Summary, Exercises and What's next should close the notebook"
+    after = level_two[level_two.index("What's next") + 1 :]
+    assert all(text.startswith("Appendix: ") for text in after), "only appendices may follow What's next"
+    assert level_two[-3 - len(after) :] == closing + after, (
+        "Summary, Exercises and What's next should close the notebook, before any appendix"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)

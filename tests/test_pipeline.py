@@ -19,7 +19,7 @@ import pytest
 
 from qlora_tutorial.__main__ import main
 from qlora_tutorial.modeling import Precision
-from qlora_tutorial.pipeline import check_method, format_summary
+from qlora_tutorial.pipeline import check_method, format_summary, method_name
 from qlora_tutorial.settings import MODEL_ENV
 from qlora_tutorial.training import final_validation
 
@@ -115,3 +115,11 @@ def test_final_validation_reuses_the_last_steps_evaluation() -> None:
     assert final_validation(SimpleNamespace(state=state))["eval_accuracy"] == 0.8
     state.log_history = history[:2]
     assert final_validation(SimpleNamespace(state=state)) is None, "no evaluation at the last step: evaluate again"
+
+
+def test_a_method_name_says_where_the_adapters_are_unless_on_query_and_value() -> None:
+    assert method_name(Precision.NF4_DQ, True) == method_name(Precision.NF4_DQ, True, {"value", "query"})
+    assert method_name(Precision.NF4_DQ, True) == "QLoRA (nf4-dq)"
+    assert method_name(Precision.NF4_DQ, True, "all-linear") == "QLoRA (nf4-dq, all linear layers)"
+    assert method_name(Precision.FP32, True, ["value", "key"]) == "LoRA (fp32 base, on key, value)"
+    assert method_name(Precision.FP32, False) == "full fine-tuning (fp32)"

@@ -26,6 +26,7 @@ SWEEP = [{"loss": 1.386 - 0.001 * step, "step": step} for step in range(1, 11)]
 METHOD_ROW = {
     "method": "QLoRA (nf4-dq)",
     "weight_mib": 50.9,
+    "baseline_mib": 551.0,
     "peak_mib": 1700.0,
     "peak_kind": "process peak RSS",
     "validation_accuracy": 0.7,
@@ -75,7 +76,13 @@ FIGURES = {
         np.array([0, 0, 0, 0, 1, 2, 3, 3]), np.array([0, 0, 0, 1, 1, 2, 3, 2]), LABEL_NAMES
     ),
     "methods": lambda: plots.plot_method_comparison(
-        [METHOD_ROW, {**METHOD_ROW, "peak_mib": None}, {"method": "merged", "latency_ms": None}], "t"
+        [
+            METHOD_ROW,
+            {**METHOD_ROW, "peak_mib": None},
+            {**METHOD_ROW, "baseline_mib": 1733.0, "peak_mib": 2317.0},  # a run in a notebook's kernel
+            {"method": "merged", "latency_ms": None},
+        ],
+        "t",
     ),
     "projection": lambda: plots.plot_memory_projection(
         SIZES, {"QLoRA": [1.8, 6.4, 47.3], "full": [21.5, 107.8, 1044.6]}, {"T4": 16.0, "A100 40GB": 40.0}, "t"
@@ -178,10 +185,11 @@ def test_confusion_matrix_rows_are_normalized(figure):
 @pytest.mark.parametrize("figure", ["methods"], indirect=True)
 def test_method_comparison_gives_each_measure_its_own_axis_and_a_legend_off_the_bars(figure):
     weights, peak, accuracy = figure.axes[:3]
-    assert [bar.get_height() for bar in weights.patches] == [50.9, 50.9]
-    assert [bar.get_height() for bar in peak.patches] == [1700.0, 0.0], "a peak not the run's own gets no bar"
-    assert [text.get_text() for text in peak.texts] == ["1700", "not its own"]
-    assert len(accuracy.patches) == 4 and accuracy.get_ylim()[0] == 0
+    assert [bar.get_height() for bar in weights.patches] == [50.9, 50.9, 50.9]
+    heights = [bar.get_height() for bar in peak.patches]
+    assert heights == [1700.0, 0.0, 0.0], "only a peak that compares gets a bar"
+    assert [text.get_text() for text in peak.texts] == ["1700", "not its own", "not comparable\n(other baseline)"]
+    assert len(accuracy.patches) == 6 and accuracy.get_ylim()[0] == 0
     legend = accuracy.get_legend().get_window_extent()
     assert not any(overlaps(legend, bar.get_window_extent()) for bar in accuracy.patches)
     assert legend.y1 <= accuracy.get_window_extent().y0, "the legend sits below the plot, not over the bars"

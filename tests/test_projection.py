@@ -1,20 +1,33 @@
+import bitsandbytes as bnb
 import pytest
+import torch
 
+from qlora_tutorial.errors import UserInputError
+from qlora_tutorial.memory import quant_state_bytes as measured_quant_state_bytes
+from qlora_tutorial.memory import tensor_bytes
 from qlora_tutorial.projection import (
     ASSUMPTION_VARIANTS,
     GB,
-    GPU_MEMORY_GB,
+    GIB,
+    GPU_MEMORY_GIB,
+    LLAMA2_70B,
     LLAMA_SHAPES,
     METHODS,
+    NF4_CODE_BITS,
     NF4_DQ_BITS,
     PAPER_65B_FULL_16BIT_GB,
     PAPER_65B_QLORA_BOUND_GB,
+    QUANT_STATE_BITS,
+    SCALE_OUT_RANKS,
     ModelShape,
     assumption_table,
     get_shape,
+    offloaded_bytes,
+    per_rank_bytes,
     project,
     project_all,
     projection_table,
+    quant_state_bytes,
     training_bytes,
 )
 
@@ -106,7 +119,84 @@ def test_non_positive_parameter_count_is_refused(count):
 def test_unknown_method_and_gpu_and_rank_are_refused():
     with pytest.raises(ValueError, match="Unknown method 'DoRA'"):
         training_bytes("DoRA", 10, 10, 10)
-    with pytest.raises(ValueError, match="Known GPUs: " + ", ".join(GPU_MEMORY_GB)):
+    with pytest.raises(UserInputError, match="Known GPUs: " + ", ".join(GPU_MEMORY_GIB)):
         project("7B", METHODS[2]).fits("V100")
     with pytest.raises(ValueError, match="rank must be positive"):
         project("7B", METHODS[2], rank=0)
+
+
+# GPU memory is binary: a "48 GB" card holds 48 GiB. Each verdict below flipped when need (decimal GB) was compared
+# with capacity as if it were decimal too.
+@pytest.mark.parametrize(
+    ("model", "method", "gpu"),
+    [
+        (get_shape("7B"), METHODS[0], "A100 80GB"),  # 80.9 GB = 75.3 GiB
+        (ModelShape("3B", hidden=3200, layers=26, intermediate=8640), METHODS[0], "A100 40GB"),  # 41.1 GB = 38.3 GiB
+    ],
+)
+def test_gpu_capacities_are_compared_in_gib(model, method, gpu):
+    projection = project(model, method)
+    assert projection.gb > GPU_MEMORY_GIB[gpu] > projection.gib
+    assert projection.gib == projection.bytes / GIB
+    assert projection.fits(gpu)
+
+
+def test_65b_with_this_series_fp32_upcast_still_fits_a_48_gib_gpu():
+    shape = get_shape("65B")
+    series = ASSUMPTION_VARIANTS[-1].bytes_for(shape.linear_parameters, shape.other_parameters, shape.lora_parameters())
+    assert series / GB == pytest.approx(48.3, abs=0.05) and series / GIB == pytest.approx(45.0, abs=0.05)
+    assert series / GB > PAPER_65B_QLORA_BOUND_GB > series / GIB  # over the paper's figure, under the card
+
+
+def test_projection_table_is_in_gib():
+    header, _, *rows = projection_table(project_all()).splitlines()
+    assert "(GiB)" in header and "(GB)" not in header
+    assert rows[1].startswith("| 7B | 6.74B | 75.3 |")
+
+
+def test_quant_state_bits_are_what_bitsandbytes_stores_beside_the_codes():
+    """Double quantization: an 8-bit absmax per 64 weights, an fp32 one per 256 of those, two code books."""
+    layer = bnb.nn.Linear4bit(1024, 256, quant_type="nf4", compress_statistics=True).to("cpu")
+    state, weights = layer.weight.quant_state, 1024 * 256
+    code_books = (
+        tensor_bytes(state.code) + tensor_bytes(state.state2.code) + tensor_bytes(torch.as_tensor(state.offset))
+    )
+    assert measured_quant_state_bytes(state) - code_books == QUANT_STATE_BITS / 8 * weights
+    assert tensor_bytes(layer.weight) == NF4_CODE_BITS / 8 * weights
+    # the state is no parameter and no buffer: what FSDP shards and DDP broadcasts does not include it
+    held = [*layer.parameters(), *layer.buffers()]
+    assert not any(tensor is state.absmax or tensor is state.state2.absmax for tensor in held)
+
+
+def test_fsdp_shards_everything_but_the_quantization_state():
+    qlora = METHODS[2]
+    state = quant_state_bytes(LLAMA2_70B, qlora)
+    assert state / GB == pytest.approx(1.09, abs=0.005)
+    assert quant_state_bytes(LLAMA2_70B, METHODS[0]) == quant_state_bytes(LLAMA2_70B, METHODS[1]) == 0
+    gib = {n: per_rank_bytes(LLAMA2_70B, qlora, n, "FSDP") / GIB for n in SCALE_OUT_RANKS}
+    assert gib[2] == pytest.approx(23.88, abs=0.005)  # 25.64 GB: under 24 GiB, barely; 25.13 GB without the state
+    assert gib[4] == pytest.approx(13.35, abs=0.005) and gib[8] == pytest.approx(8.09, abs=0.005)
+    # every extra rank holds the whole state again, on top of its share
+    sharded_alone = {n: gib[n] - state / GIB * (1 - 1 / n) for n in (2, 4, 8)}
+    assert sharded_alone[2] - sharded_alone[4] == pytest.approx(2 * (sharded_alone[4] - sharded_alone[8]))
+
+
+def test_fsdp_offload_leaves_the_gpu_the_gathered_units_and_the_quantization_state():
+    qlora = METHODS[2]
+    on_gpu = {per_rank_bytes(LLAMA2_70B, qlora, n, "FSDP offload") for n in SCALE_OUT_RANKS}
+    assert len(on_gpu) == 1  # the GPU's part does not shrink with more GPUs: the share is in CPU RAM
+    gpu = on_gpu.pop()
+    assert gpu / GIB == pytest.approx(2.83, abs=0.005)
+    assert gpu < per_rank_bytes(LLAMA2_70B, qlora, 8, "FSDP")
+    total = project(LLAMA2_70B, qlora).bytes
+    for n in SCALE_OUT_RANKS:  # CPU RAM of all ranks, plus the state on the GPUs once, is the whole bill
+        assert n * offloaded_bytes(LLAMA2_70B, qlora, n) + quant_state_bytes(LLAMA2_70B, qlora) == pytest.approx(total)
+
+
+def test_scale_out_errors_say_what_is_known():
+    with pytest.raises(UserInputError, match="Known strategies: DDP, FSDP, FSDP offload"):
+        per_rank_bytes(LLAMA2_70B, METHODS[2], 2, "ZeRO")
+    with pytest.raises(UserInputError, match="at least 1"):
+        offloaded_bytes(LLAMA2_70B, METHODS[2], 0)
+    with pytest.raises(UserInputError, match="Unknown method"):
+        per_rank_bytes(LLAMA2_70B, "DoRA", 2, "FSDP")

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_cuda
 
 from qlora_tutorial import settings as settings_module
 from qlora_tutorial.errors import MissingInputError, UserInputError
@@ -10,6 +11,7 @@ from qlora_tutorial.settings import (
     PROFILES,
     changed_profile_fields,
     compute_dtype_for,
+    compute_dtype_reason,
     get_profile,
     load_settings,
     with_profile_changes,
@@ -22,12 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@pytest.fixture
-def with_bf16_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
 
 
 def test_default_profile_is_cpu_without_cuda(without_cuda):
@@ -100,24 +96,50 @@ def test_cpu_settings_use_fp32_and_plain_adamw(without_cuda):
     assert chosen.compute_dtype == torch.float32 and chosen.optimizer == "adamw_torch"
 
 
-def test_gpu_settings_use_bf16_and_paged_adamw(with_bf16_gpu):
+def test_gpu_settings_use_bf16_and_paged_adamw_on_an_a100(fake_a100):
     chosen = load_settings()
     assert (chosen.profile.name, chosen.device) == ("gpu", "cuda")
     assert chosen.compute_dtype == torch.bfloat16 and chosen.optimizer == "paged_adamw_32bit"
 
 
-def test_compute_dtype_follows_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert compute_dtype_for("cuda") == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert compute_dtype_for("cuda") == torch.float16
+def test_a_t4_gets_fp16_and_paged_adamw(fake_t4):
+    """torch.cuda.is_bf16_supported() says True on a T4 (emulation counts by default): the settings must not ask it."""
+    assert torch.cuda.is_bf16_supported() and not torch.cuda.is_bf16_supported(including_emulation=False)
+    chosen = load_settings()
+    assert (chosen.profile.name, chosen.device) == ("gpu", "cuda")
+    assert chosen.compute_dtype == torch.float16 and chosen.optimizer == "paged_adamw_32bit"
 
 
-def test_bf16_on_a_gpu_without_it_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla T4")
-    with pytest.raises(ValueError, match=r"Tesla T4 does not support bfloat16\. Use torch\.float16"):
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        ((7, 0), torch.float16),
+        ((7, 5), torch.float16),
+        ((8, 0), torch.bfloat16),
+        ((8, 9), torch.bfloat16),
+        ((9, 0), torch.bfloat16),
+    ],
+)
+def test_compute_dtype_follows_the_compute_capability(monkeypatch, capability, expected):
+    fake_cuda(monkeypatch, "some GPU", capability)
+    assert compute_dtype_for("cuda") == expected
+
+
+def test_bf16_on_a_t4_says_what_to_do(fake_t4):
+    with pytest.raises(UserInputError, match=r"Tesla T4 does not support bfloat16\. Use torch\.float16"):
         compute_dtype_for("cuda", torch.bfloat16)
+    assert compute_dtype_for("cuda", torch.float16) == torch.float16
+
+
+def test_bf16_on_an_a100_is_granted(fake_a100):
+    assert compute_dtype_for("cuda", torch.bfloat16) == torch.bfloat16
+
+
+def test_the_dtype_reason_names_the_capability(fake_t4):
+    assert compute_dtype_reason("cuda") == (
+        "float16: compute capability 7.5 has no native bf16 (it needs 8.0; below, bf16 is emulated)"
+    )
+    assert compute_dtype_reason("cpu").startswith("float32")
 
 
 def test_half_precision_compute_on_cpu_is_refused():
@@ -172,3 +194,16 @@ def test_changed_profile_fields_are_exactly_the_changes():
 def test_get_profile_returns_the_profile():
     assert get_profile("cpu") is PROFILES["cpu"]
     assert isinstance(load_settings("smoke").runs_dir, Path)
+
+
+def test_a_gpu_machine_can_ask_for_cpu_settings(fake_t4):
+    chosen = load_settings("cpu", device="cpu")
+    assert (chosen.device, chosen.compute_dtype, chosen.optimizer) == ("cpu", torch.float32, "adamw_torch")
+    assert load_settings("cpu", device="cuda").compute_dtype == torch.float16
+
+
+def test_a_device_this_machine_lacks_is_refused(without_cuda):
+    with pytest.raises(UserInputError, match=r"CUDA is not available here\. Use device='cpu'"):
+        load_settings("smoke", device="cuda")
+    with pytest.raises(UserInputError, match=r"Unknown device 'gpu'\. Use 'cpu' or 'cuda'"):
+        load_settings("smoke", device="gpu")

@@ -6,9 +6,11 @@ from qlora_tutorial.uncertainty import (
     Spread,
     accuracy_interval,
     faster,
+    faster_paired,
     macro_f1_interval,
     mcnemar,
     more_accurate,
+    paired_times,
     smaller,
     spread,
 )
@@ -77,6 +79,34 @@ def test_faster_needs_separate_interquartile_ranges():
     assert faster(quick, slow, "A", "B") == "A faster"
     assert faster(slow, quick, "A", "B") == "B faster"
     assert faster(quick, overlapping, "A", "B") == NOT_SETTLED
+
+
+def test_a_paired_test_finds_a_small_steady_difference_that_overlapping_ranges_hide():
+    """Each pair shares its batch: the spread between batches is large, the difference within each pair small."""
+    batches = np.random.default_rng(0).uniform(0.4, 0.8, 60)
+    slower = batches + 0.01
+    assert spread(slower).q1 < spread(batches).q3, "the interquartile ranges overlap"
+    test = paired_times(slower, batches)
+    assert test.significant and test.first_slower and test.median_difference == pytest.approx(0.01)
+    assert faster_paired(test, "A", "B") == "B faster"
+    assert faster_paired(paired_times(batches, slower), "A", "B") == "A faster"
+
+
+def test_paired_noise_without_a_direction_is_not_settled():
+    base = np.linspace(1.0, 2.0, 40)
+    noisy = base + np.where(np.arange(40) % 2 == 0, 0.05, -0.05)
+    assert faster_paired(paired_times(noisy, base), "A", "B") == NOT_SETTLED
+    same = paired_times(base, base)
+    assert (same.p_value, same.pairs, same.median_difference) == (1.0, 40, 0.0)
+    assert faster_paired(same, "A", "B") == NOT_SETTLED
+    assert "Wilcoxon p = 1 (n=40 pairs)" in same.format("s")
+
+
+def test_a_paired_test_needs_one_timing_per_pair():
+    with pytest.raises(ValueError, match="same number of timings"):
+        paired_times([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="same number of timings"):
+        paired_times([], [])
 
 
 def test_smaller_ignores_differences_within_the_tolerance():

@@ -1,13 +1,15 @@
-"""Full fine-tuning, LoRA and QLoRA trained on one budget, measured side by side, and judged by stated rules.
+"""Full fine-tuning, LoRA, QLoRA and QLoRA on all linear layers trained on one budget, measured side by side.
 
 Taught in notebook 06 and run by ``benchmarks/compare_methods.py``. Every
 method trains on the same rows, in the same order (same seed), for the same
 number of steps, through ``python -m qlora_tutorial train`` in a fresh process:
-on the CPU a process's peak resident memory can only grow, so one process per
-method is the only way to read each method's own peak. QLoRA reuses notebook
-04's run when it was trained on this very budget. The parent reads each
-``results.json``, times inference for all models in interleaved rounds, and
-states each verdict by the rules of ``uncertainty``.
+every run then starts from the same baseline memory, so the peaks compare, and
+a peak is the run's own even where the mark cannot be reset. Notebook 04's
+QLoRA run, trained in that notebook's kernel, is not reused. The parent reads
+each ``results.json``, times inference for all models in interleaved rounds,
+and states each verdict by the rules of ``uncertainty``: timings taken in pairs
+(the same batch in each run, the same text in each round) by Wilcoxon's
+signed-rank test, accuracies by McNemar's test.
 
 The second comparison is of recipes, not methods: the reference recipe (pad
 every batch to the maximum length, learning rate 5e-5, the usual BERT
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from qlora_tutorial.data import load_splits
+from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.inference import interleaved_latencies_ms, load_trained, merge_into_dequantized
 from qlora_tutorial.memory import peak_is_own
 from qlora_tutorial.modeling import Precision, load_classifier, load_tokenizer
@@ -40,12 +43,14 @@ from qlora_tutorial.training import RESULTS_FILE, load_results, settings_record
 from qlora_tutorial.uncertainty import (
     NOT_SETTLED,
     Interval,
+    PairedTest,
     Spread,
     accuracy_interval,
-    faster,
+    faster_paired,
     macro_f1_interval,
     mcnemar,
     more_accurate,
+    paired_times,
     smaller,
     spread,
 )
@@ -55,6 +60,7 @@ REFERENCE_LEARNING_RATE = 5e-5  # BERT's usual full fine-tuning range (2e-5 to 5
 LOG_FILE = "train.log"
 COMPARISON_FILE = "comparison.json"
 SPREAD_KEYS = ("step_seconds", "latency_ms")
+SAMPLE_KEYS = ("step_samples", "latency_samples")  # the timings themselves, for the paired tests
 INTERVAL_KEYS = ("test_accuracy", "test_macro_f1")
 MERGED = "QLoRA merged into its dequantized base (inference only)"
 PEAK_TOLERANCE = 0.05  # peak memories within 5% of each other are "not settled" (run-to-run spread of peak RSS)
@@ -62,39 +68,58 @@ PEAK_TOLERANCE = 0.05  # peak memories within 5% of each other are "not settled"
 
 @dataclass(frozen=True)
 class Method:
-    """One way to fine-tune: the base precision, and adapters or all weights."""
+    """One way to fine-tune: the base precision, adapters or all weights, and which layers get the adapters.
+
+    ``target_modules`` is ``None`` for the reference recipe's query and value,
+    ``"all-linear"`` for every linear layer (the QLoRA paper's choice, section
+    4), or a tuple of layer names.
+    """
 
     precision: Precision
     use_lora: bool = True
+    target_modules: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_method(self.precision, self.use_lora)
+        if not self.use_lora and self.target_modules is not None:
+            raise UserInputError(
+                "--target-modules says which layers get LoRA adapters, and full fine-tuning (--no-lora) has none: "
+                "drop one of the two options."
+            )
 
     @property
     def label(self) -> str:
         """The label the pipeline writes into results.json, e.g. ``QLoRA (nf4-dq)``."""
-        return method_name(self.precision, self.use_lora)
+        return method_name(self.precision, self.use_lora, self.target_modules)
 
     @property
     def slug(self) -> str:
-        """A folder name: ``full-fp32``, ``lora-fp32``, ``qlora-nf4-dq``."""
+        """A folder name: ``full-fp32``, ``lora-fp32``, ``qlora-nf4-dq``, ``qlora-nf4-dq-all-linear``."""
         kind = "full" if not self.use_lora else ("qlora" if self.precision.is_quantized else "lora")
-        return f"{kind}-{self.precision.value}"
+        targets = self.target_modules
+        where = "" if targets is None else "-" + (targets if isinstance(targets, str) else "-".join(targets))
+        return f"{kind}-{self.precision.value}{where}"
+
+    @property
+    def target_option(self) -> str | None:
+        """The ``--target-modules`` value that trains these adapters (``None``: the default, query and value)."""
+        targets = self.target_modules
+        return targets if targets is None or isinstance(targets, str) else ",".join(targets)
 
 
 FULL = Method(Precision.FP32, use_lora=False)
 LORA = Method(Precision.FP32)
 QLORA = Method(Precision.NF4_DQ)
-METHODS = (FULL, LORA, QLORA)
+QLORA_ALL_LINEAR = Method(Precision.NF4_DQ, target_modules="all-linear")
+METHODS = (FULL, LORA, QLORA, QLORA_ALL_LINEAR)
 
 
 @dataclass(frozen=True)
 class Budget:
     """How much each compared run trains and measures on a profile.
 
-    ``max_steps=None`` trains the profile's epochs, the budget notebook 04's
-    QLoRA run used, so that run can be reused; ``test_rows=None`` tests on the
-    whole official test split. Full fine-tuning trains at
+    ``max_steps=None`` trains the profile's epochs (notebook 04's budget);
+    ``test_rows=None`` tests on the whole official test split. Full fine-tuning trains at
     ``full_learning_rate``, the adapters at the profile's rate.
     ``eval_steps`` is how often the recipe comparison validates.
     """
@@ -110,8 +135,8 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "smoke": Budget(METHODS, max_steps=4, test_rows=40, latency_texts=4, eval_steps=2),
-    # the profile's two epochs (400 steps) and all 7,600 test rows: notebook 04's QLoRA run, reused, and full
-    # fine-tuning and LoRA trained alike (about 0.7 and 0.5 s per step on a quiet 2-core CPU)
+    # the profile's two epochs (400 steps) and all 7,600 test rows, as notebook 04 trains QLoRA, every method in
+    # its own process (about 0.7 s per step for full fine-tuning and 0.5 s for LoRA on a quiet 2-core CPU)
     "cpu": Budget(METHODS, max_steps=None, test_rows=None, latency_texts=16, eval_steps=50),
     "gpu": Budget(METHODS, max_steps=None, test_rows=None, latency_texts=64, eval_steps=500),
 }
@@ -153,6 +178,8 @@ def train_command(settings: Settings, method: Method, output_dir: str | Path, bu
     if not method.use_lora:
         command.append("--no-lora")
         changes["learning_rate"] = budget.full_learning_rate
+    if method.target_option is not None:
+        command += ["--target-modules", method.target_option]
     for name, value in changes.items():
         command += [profile_option(name), "all" if value is None else str(value)]
     if budget.max_steps is not None:
@@ -215,8 +242,8 @@ def trained_on_budget(results: dict[str, Any], settings: Settings, method: Metho
 def reusable_run(settings: Settings, method: Method, folders: Sequence[Path], budget: Budget) -> Path | None:
     """The first of ``folders`` holding ``method`` trained on exactly this budget, if any.
 
-    Notebook 06 and ``make benchmark`` share their runs this way, and QLoRA
-    reuses notebook 04's run when 04 trained on the comparison's budget.
+    Notebook 06 and ``make benchmark`` share their runs this way (each trained
+    in its own process by ``train_method``).
     """
     for folder in folders:
         if (folder / RESULTS_FILE).is_file() and trained_on_budget(load_results(folder), settings, method, budget):
@@ -225,12 +252,20 @@ def reusable_run(settings: Settings, method: Method, folders: Sequence[Path], bu
 
 
 def trained_results(settings: Settings, method: Method, root: Path, budget: Budget) -> tuple[Path, dict[str, Any]]:
-    """Where ``method``'s run is and its results: an earlier run on this budget when there is one, else a new one."""
-    folders = [root / method.slug] + ([settings.run_dir("qlora")] if method == QLORA else [])
-    reused = reusable_run(settings, method, folders, budget)
-    if reused is not None:
-        return reused, load_results(reused)
-    return root / method.slug, train_method(settings, method, root / method.slug, budget)
+    """Where ``method``'s run is and its results: this comparison's earlier run on this budget, else a new one.
+
+    It prints a line as the run starts and one as it ends, with its time (the
+    runs take minutes each on a CPU).
+    """
+    folder = root / method.slug
+    if reusable_run(settings, method, [folder], budget) is not None:
+        print(f"{method.label}: reused its run on this budget (trained earlier in its own process)", flush=True)
+        return folder, load_results(folder)
+    print(f"{method.label}: training in a new process ...", flush=True)
+    started = perf_counter()
+    results = train_method(settings, method, folder, budget)
+    print(f"{method.label}: trained in {perf_counter() - started:.0f} s", flush=True)
+    return folder, results
 
 
 def scored_labels(settings: Settings, budget: Budget) -> np.ndarray:
@@ -255,30 +290,71 @@ def memory_row(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def peak_verdict(qlora: dict[str, Any], lora: dict[str, Any]) -> tuple[str, str]:
-    """What was measured of the two runs' peak memory, and the verdict: within ``PEAK_TOLERANCE`` is not settled.
+def same_baseline(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Whether two runs started from the same memory (within ``PEAK_TOLERANCE``), as fresh processes do.
 
-    Peaks are compared only between runs that started from the same baseline
-    (fresh processes). A run reused from a notebook kernel starts higher, and
-    its rise in training is not comparable either: the kernel's allocator
-    reuses memory that earlier work freed, which a fresh process must first
-    take from the system. Then no verdict is drawn, and the text says why.
+    Only then do their peaks compare. A run in a notebook kernel starts
+    higher, and its rise in training is not comparable either: the kernel's
+    allocator reuses memory that earlier work freed, which a fresh process
+    must first take from the system.
     """
-    peaks = (qlora["peak_mib"], lora["peak_mib"])
+    baselines = (first["baseline_mib"], second["baseline_mib"])
+    return abs(baselines[0] - baselines[1]) <= PEAK_TOLERANCE * max(baselines)
+
+
+def peak_verdict(
+    first: dict[str, Any], second: dict[str, Any], first_name: str = "QLoRA", second_name: str = "LoRA"
+) -> tuple[str, str]:
+    """What was measured of two runs' peak memory, and the verdict: within ``PEAK_TOLERANCE`` is not settled.
+
+    Peaks are compared only between runs whose peaks are their own and that
+    started from the same baseline (``same_baseline``); otherwise no verdict
+    is drawn, and the text says why.
+    """
+    peaks = (first["peak_mib"], second["peak_mib"])
     if None in peaks:
         shown = " vs ".join("not its own" if peak is None else f"{peak:,.0f} MiB" for peak in peaks)
         return f"peak {shown}", "peak: not measured on equal terms (a run shared its process with earlier training)"
     measured = f"peak {peaks[0]:,.0f} vs {peaks[1]:,.0f} MiB"
-    baselines = (qlora["baseline_mib"], lora["baseline_mib"])
-    if abs(baselines[0] - baselines[1]) > PEAK_TOLERANCE * max(baselines):
+    if not same_baseline(first, second):
         verdict = "peak: not measured on equal terms (the runs started from different baselines)"
-        return f"{measured} ({baselines[0]:,.0f} vs {baselines[1]:,.0f} MiB before loading)", verdict
-    return measured, f"peak: {smaller(*peaks, 'QLoRA', 'LoRA', PEAK_TOLERANCE * max(peaks))}"
+        before = f"{first['baseline_mib']:,.0f} vs {second['baseline_mib']:,.0f} MiB before loading"
+        return f"{measured} ({before})", verdict
+    return measured, f"peak: {smaller(*peaks, first_name, second_name, PEAK_TOLERANCE * max(peaks))}"
 
 
-def comparison_row(results: dict[str, Any], labels: np.ndarray, latency: Spread) -> dict[str, Any]:
-    """Everything the comparison shows for one trained run (memory in MiB, intervals at 95%)."""
+def comparable_peak_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with only the peaks that compare kept: own peaks from the baseline of a fresh process.
+
+    The reference baseline is the lowest among the runs with their own peak (a
+    fresh process's). Any other row gets ``peak_mib`` ``None`` and a
+    ``peak_note`` saying why, which ``plots.plot_method_comparison`` shows
+    instead of a bar. Rows without a peak (inference only) pass unchanged.
+    """
+    own = [row for row in rows if row.get("peak_mib") is not None]
+    reference = min(own, key=lambda row: row["baseline_mib"], default=None)
+    kept = []
+    for row in rows:
+        if "peak_mib" not in row:
+            kept.append(row)
+        elif row["peak_mib"] is None:
+            kept.append({**row, "peak_note": "not its own"})
+        elif reference is not None and not same_baseline(row, reference):
+            kept.append({**row, "peak_mib": None, "peak_note": "not comparable\n(other baseline)"})
+        else:
+            kept.append(row)
+    return kept
+
+
+def comparison_row(results: dict[str, Any], labels: np.ndarray, latencies: Sequence[float]) -> dict[str, Any]:
+    """Everything the comparison shows for one trained run (memory in MiB, intervals at 95%).
+
+    ``latencies`` are the run's model's milliseconds per text, in the order
+    ``inference.interleaved_latencies_ms`` returns them; they and the step
+    times after warm-up are kept (``SAMPLE_KEYS``) for the paired tests.
+    """
     predictions = np.asarray(results["test_predictions"])
+    steps = after_warmup(results["step_seconds"])
     return {
         "method": results["method"],
         "weight_mib": results["weight_bytes"] / MIB,
@@ -288,8 +364,10 @@ def comparison_row(results: dict[str, Any], labels: np.ndarray, latency: Spread)
         "total_parameters": results["total_parameters"],
         "optimizer_mib": results["optimizer_state_bytes"] / MIB,
         "train_steps": results["train_steps"],
-        "step_seconds": spread(after_warmup(results["step_seconds"])),
-        "latency_ms": latency,
+        "step_seconds": spread(steps),
+        "step_samples": list(steps),
+        "latency_ms": spread(latencies),
+        "latency_samples": np.asarray(latencies, dtype=float).tolist(),
         "validation_accuracy": results["validation_accuracy"],
         "test_accuracy": accuracy_interval(predictions == labels),
         "test_macro_f1": macro_f1_interval(labels, predictions),
@@ -299,7 +377,7 @@ def comparison_row(results: dict[str, Any], labels: np.ndarray, latency: Spread)
 
 
 def compare_methods(settings: Settings, root: str | Path, budget: Budget | None = None) -> list[dict[str, Any]]:
-    """Train every method of the budget (one process each), or reuse a run already trained on it.
+    """Train every method of the budget (one process each), or reuse this comparison's run already trained on it.
 
     Then time all of them, plus the QLoRA adapter merged into its dequantized
     base (an inference-only row), in interleaved rounds on the same texts, and
@@ -308,11 +386,7 @@ def compare_methods(settings: Settings, root: str | Path, budget: Budget | None 
     budget = budget or budget_for(settings)
     root = Path(root)
     load_before = os.getloadavg()[0]
-    runs = {}
-    for method in budget.methods:
-        started = perf_counter()
-        runs[method] = trained_results(settings, method, root, budget)
-        print(f"{method.label}: {perf_counter() - started:.0f} s", flush=True)
+    runs = {method: trained_results(settings, method, root, budget) for method in budget.methods}
     models = {method.label: load_for_inference(settings, folder, results) for method, (folder, results) in runs.items()}
     models[MERGED] = merge_into_dequantized(settings, runs[QLORA][0])
     texts = list(load_splits(budget_settings(settings, budget))["test"]["text"][: budget.latency_texts])
@@ -320,8 +394,8 @@ def compare_methods(settings: Settings, root: str | Path, budget: Budget | None 
         models, load_tokenizer(settings), texts, rounds=budget.latency_rounds, max_length=settings.profile.max_length
     )
     labels = scored_labels(settings, budget)
-    rows = [comparison_row(results, labels, spread(timings[method.label])) for method, (_, results) in runs.items()]
-    rows.append({"method": MERGED, "latency_ms": spread(timings[MERGED])})
+    rows = [comparison_row(results, labels, timings[method.label]) for method, (_, results) in runs.items()]
+    rows.append({"method": MERGED, "latency_ms": spread(timings[MERGED]), "latency_samples": timings[MERGED].tolist()})
     save_comparison(rows, root, settings, budget, (load_before, os.getloadavg()[0]))
     return rows
 
@@ -380,20 +454,92 @@ def by_method(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {row["method"]: row for row in rows}
 
 
+def speed_verdict(
+    first: dict[str, Any], second: dict[str, Any], key: str, first_name: str, second_name: str
+) -> tuple[str, str]:
+    """Two runs' timings (``step`` or ``latency``): their spreads and the paired test, and its verdict.
+
+    Step times pair by step (the same batch in each run, same seed), latencies
+    by text and round (``inference.interleaved_latencies_ms``).
+    """
+    unit, digits = ("s", 3) if key == "step" else ("ms", 0)
+    spreads = {"step": "step_seconds", "latency": "latency_ms"}[key]
+    test = paired_times(first[f"{key}_samples"], second[f"{key}_samples"])
+    measured = f"{first[spreads].format(unit, digits)} vs {second[spreads].format(unit, digits)}; "
+    return measured + test.format(unit, digits + 1), faster_paired(test, first_name, second_name)
+
+
+def accuracy_measured(test: PairedTest, first: dict[str, Any], second: dict[str, Any], names: tuple[str, str]) -> str:
+    """Two runs' test accuracies with McNemar's test on their rows, in words."""
+    return (
+        f"test {first['test_accuracy']} vs {second['test_accuracy']}; McNemar p = {test.p_value:.2g} "
+        f"({test.only_first_right} rows only {names[0]} got right, {test.only_second_right} only {names[1]})"
+    )
+
+
+def gap_verdict(all_linear: dict[str, Any], qlora: dict[str, Any], full: dict[str, Any]) -> dict[str, str]:
+    """Whether QLoRA on all linear layers closes QLoRA's gap to full fine-tuning, by McNemar's test on both pairs.
+
+    The gap exists only when full fine-tuning is more accurate than QLoRA on
+    query and value by the test. All-linear QLoRA closes it when the test then
+    finds no difference from full fine-tuning (or finds it more accurate).
+    """
+    gap = mcnemar(qlora["correct"], full["correct"])
+    test = mcnemar(all_linear["correct"], full["correct"])
+    names = ("all-linear QLoRA", "full fine-tuning")
+    measured = f"{accuracy_measured(test, all_linear, full, names)}; QLoRA on query and value vs full fine-tuning: "
+    measured += f"McNemar p = {gap.p_value:.2g}"
+    versus_full = more_accurate(test, *names)
+    if more_accurate(gap, "QLoRA", "full fine-tuning") != "full fine-tuning more accurate":
+        verdict = "no gap to close: QLoRA on query and value is not less accurate than full fine-tuning by the test"
+        verdict += f" (all-linear QLoRA vs full fine-tuning: {versus_full.replace(NOT_SETTLED, 'no difference found')})"
+    elif versus_full == NOT_SETTLED:
+        verdict = "yes: no difference from full fine-tuning found"
+    elif versus_full == "full fine-tuning more accurate":
+        verdict = "no: full fine-tuning still more accurate"
+    else:
+        verdict = "yes: all-linear QLoRA more accurate than full fine-tuning"
+    return {
+        "question": "Does all-linear QLoRA close the gap to full fine-tuning?",
+        "measured": measured,
+        "verdict": verdict,
+    }
+
+
+def all_linear_cost(all_linear: dict[str, Any], qlora: dict[str, Any]) -> dict[str, str]:
+    """What adapters on every linear layer cost over query and value: parameters, step time, peak memory."""
+    names = ("all-linear QLoRA", "QLoRA")
+    step_measured, step = speed_verdict(all_linear, qlora, "step", *names)
+    peak_measured, peak = peak_verdict(all_linear, qlora, *names)
+    trainable = (all_linear["trainable_parameters"], qlora["trainable_parameters"])
+    return {
+        "question": "What do adapters on all linear layers cost QLoRA?",
+        "measured": f"trainable {trainable[0]:,} vs {trainable[1]:,}; step {step_measured}; {peak_measured}",
+        "verdict": f"{trainable[0] / trainable[1]:.1f}x the trainable parameters; step: {step}; {peak}",
+    }
+
+
 def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """QLoRA against LoRA on the five questions a LoRA-vs-QLoRA table asks, each answered by its stated rule.
+    """The questions a LoRA-vs-QLoRA table asks, each answered by its stated rule, and two on all-linear QLoRA.
 
     * trainable parameters: counted exactly, so equal or not;
-    * memory: weights counted exactly; peak memory within 5% of each other is not settled;
-    * training and inference speed: faster only when the interquartile ranges do not overlap;
+    * memory: weights counted exactly; peak memory within 5% of each other is
+      not settled, and peaks of runs from different baselines are not compared;
+    * training and inference speed: faster only when Wilcoxon's signed-rank
+      test on the paired timings gives p < 0.05;
     * accuracy: different only when McNemar's test on the same test rows gives p < 0.05.
+
+    The all-linear rows (``gap_verdict``, ``all_linear_cost``) come when the
+    rows hold all-linear QLoRA and full fine-tuning.
     """
     found = by_method(rows)
     qlora, lora = found[QLORA.label], found[LORA.label]
     test = mcnemar(qlora["correct"], lora["correct"])
     same_trainable = qlora["trainable_parameters"] == lora["trainable_parameters"]
     peak_measured, peak = peak_verdict(qlora, lora)
-    return [
+    step_measured, step = speed_verdict(qlora, lora, "step", "QLoRA", "LoRA")
+    latency_measured, latency = speed_verdict(qlora, lora, "latency", "QLoRA", "LoRA")
+    answers = [
         {
             "question": "Does QLoRA train fewer parameters than LoRA?",
             "measured": f"{qlora['trainable_parameters']:,} vs {lora['trainable_parameters']:,}",
@@ -404,23 +550,22 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
             "measured": f"weights {qlora['weight_mib']:.1f} vs {lora['weight_mib']:.1f} MiB; {peak_measured}",
             "verdict": f"weights: {smaller(qlora['weight_mib'], lora['weight_mib'], 'QLoRA', 'LoRA', 0)}; {peak}",
         },
-        {
-            "question": "Does QLoRA train faster than LoRA?",
-            "measured": f"{qlora['step_seconds'].format('s')} vs {lora['step_seconds'].format('s')} per step",
-            "verdict": faster(qlora["step_seconds"], lora["step_seconds"], "QLoRA", "LoRA"),
-        },
+        {"question": "Does QLoRA train faster than LoRA?", "measured": f"per step {step_measured}", "verdict": step},
         {
             "question": "Is QLoRA's inference faster than LoRA's?",
-            "measured": f"{qlora['latency_ms'].format('ms', 0)} vs {lora['latency_ms'].format('ms', 0)} per text",
-            "verdict": faster(qlora["latency_ms"], lora["latency_ms"], "QLoRA", "LoRA"),
+            "measured": f"per text {latency_measured}",
+            "verdict": latency,
         },
         {
             "question": "Does QLoRA keep LoRA's accuracy?",
-            "measured": f"test {qlora['test_accuracy']} vs {lora['test_accuracy']}; McNemar p = {test.p_value:.2f} "
-            f"({test.only_first_right} rows only QLoRA got right, {test.only_second_right} only LoRA)",
+            "measured": accuracy_measured(test, qlora, lora, ("QLoRA", "LoRA")),
             "verdict": more_accurate(test, "QLoRA", "LoRA").replace(NOT_SETTLED, "no difference found"),
         },
     ]
+    if QLORA_ALL_LINEAR.label in found and FULL.label in found:
+        all_linear = found[QLORA_ALL_LINEAR.label]
+        answers += [gap_verdict(all_linear, qlora, found[FULL.label]), all_linear_cost(all_linear, qlora)]
+    return answers
 
 
 def verdict_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -6,7 +6,11 @@ slice of every global batch, and DDP averages the gradients of the trainable
 parameters across ranks before each optimizer step. For QLoRA those are only
 the adapters and the head, so the bytes exchanged per step are a fraction of
 full fine-tuning's: :func:`count_allreduce_bytes` measures them on a real DDP
-wrapper, :func:`gradient_bytes` predicts them.
+wrapper, :func:`gradient_bytes` predicts them, and :func:`ring_allreduce_bytes`
+says how many of them each rank sends. The frozen weights do travel once: DDP's
+constructor broadcasts every parameter and buffer from rank 0, and each forward
+pass broadcasts the buffers again (``broadcast_buffers=True``, the default);
+:func:`count_broadcast_bytes` measures both.
 
 :func:`data_parallel_arguments` holds the ``TrainingArguments`` that make a
 run of ``python -m qlora_tutorial train`` under ``accelerate launch`` train
@@ -34,7 +38,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from qlora_tutorial.errors import MissingInputError
+from qlora_tutorial.errors import MissingInputError, UserInputError
 from qlora_tutorial.memory import peak_memory_bytes, tensor_bytes
 from qlora_tutorial.settings import Settings, source_checkout
 
@@ -140,6 +144,45 @@ def count_allreduce_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     wrapped.register_comm_hook(None, counting_hook)
     wrapped(**batch).loss.backward()
     return sum(counted)
+
+
+def ring_allreduce_bytes(buffer_bytes: int, ranks: int) -> float:
+    """Bytes each of ``ranks`` ranks sends (and receives) to all-reduce a buffer of ``buffer_bytes`` with a ring.
+
+    A ring all-reduce is a reduce-scatter and an all-gather, each ``ranks - 1``
+    steps of one ``1/ranks`` piece: ``2 (N - 1) / N`` of the buffer per rank,
+    close to twice the buffer on many ranks, and nothing on one.
+    """
+    if ranks < 1:
+        raise UserInputError(f"The number of ranks must be at least 1, got {ranks}.")
+    return 2 * (ranks - 1) / ranks * buffer_bytes
+
+
+def count_broadcast_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Bytes DDP broadcasts from rank 0 when it wraps ``model``, and in one forward pass (a process group must exist).
+
+    The first is every parameter and buffer, the frozen 4-bit weights
+    included: the ranks start from rank 0's copy. The second is the buffers,
+    which DDP broadcasts before each forward pass by default. A 4-bit layer's
+    quantization state is neither, so it is not sent: each rank quantized the
+    same checkpoint itself. Counted by wrapping ``torch.distributed._broadcast_coalesced``,
+    the one call DDP makes for both, for the length of this call.
+    """
+    counted: list[int] = []
+    original = dist._broadcast_coalesced
+
+    def counting_broadcast(group, tensors, bucket_size, src):  # the signature DDP calls it with
+        counted.append(sum(tensor_bytes(tensor) for tensor in tensors))
+        return original(group, tensors, bucket_size, src)
+
+    dist._broadcast_coalesced = counting_broadcast
+    try:
+        wrapped = DistributedDataParallel(model)
+        at_start = sum(counted)
+        wrapped(**batch)
+    finally:
+        dist._broadcast_coalesced = original
+    return at_start, sum(counted) - at_start
 
 
 ABSOLUTE_PATH = re.compile(r"(?:/[\w.+\-]+)+/([\w.+\-]+)")

@@ -1,11 +1,11 @@
 """Environment check: ``python -m qlora_tutorial.doctor`` (shown in notebook 00).
 
 Prints the versions of the pinned stack, the GPU and its compute capability,
-bf16 support, whether bitsandbytes 4-bit really works here (a tiny NF4
-quantize/dequantize round trip, not an import check), whether the CPU lists
-``avx512_bf16`` and whether the series' guard against bitsandbytes' CPU
-repacking holds (notebook 02), the profile a run would pick, and one verdict
-line. Run it at the door of a workshop.
+the compute dtype that gives and why (bf16 only where it is native), whether
+bitsandbytes 4-bit really works here (a tiny NF4 quantize/dequantize round
+trip, not an import check), whether the CPU lists ``avx512_bf16`` and whether
+the series' guard against bitsandbytes' CPU repacking holds (notebook 02), the
+profile a run would pick, and one verdict line. Run it at the door of a workshop.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from qlora_tutorial.settings import PROFILE_ENV, display_path, load_settings, source_checkout
+from qlora_tutorial.settings import PROFILE_ENV, compute_dtype_reason, display_path, load_settings, source_checkout
 from qlora_tutorial.training import library_versions
 
 ROUND_TRIP_TOLERANCE = 0.2
@@ -116,15 +116,18 @@ def cpu_packing_check() -> Check:
 
 
 def gpu_checks() -> list[Check]:
-    """CUDA availability, the GPU, its compute capability and bf16 support."""
+    """CUDA availability, the GPU, its compute capability, and which compute dtype that gives and why.
+
+    bf16 counts only where the GPU has it natively (``settings.has_native_bf16``):
+    ``torch.cuda.is_bf16_supported()`` also answers True on a T4, where bf16 is emulated.
+    """
     if not torch.cuda.is_available():
         return [Check("CUDA", "not available: CPU only (4-bit runs on the CPU, slowly)", True)]
     major, minor = torch.cuda.get_device_capability()
-    bf16 = torch.cuda.is_bf16_supported()
     return [
         Check("CUDA", f"{torch.version.cuda}, {torch.cuda.get_device_name()}", True),
         Check("compute capability", f"{major}.{minor}", True),
-        Check("bf16", "supported" if bf16 else "not supported: fp16 compute will be used", True),
+        Check("compute dtype", compute_dtype_reason("cuda"), True),
     ]
 
 

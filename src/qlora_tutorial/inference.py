@@ -8,7 +8,7 @@ Merging folds the LoRA update ``B @ A * alpha / r`` into base weights so the
 adapter layers disappear. Which base weights decides what the merged model is:
 
 * into the dequantized base (``merge_into_dequantized``): the NF4 weights the
-  adapter was trained against, dequantized to full precision, plus the update.
+  adapter was trained against, dequantized to fp32, plus the update.
   This reproduces the trained model up to float rounding;
 * into the original weights (``merge_into_original``): the full-precision
   checkpoint the NF4 base was quantized from, plus the update. The adapter
@@ -17,7 +17,8 @@ adapter layers disappear. Which base weights decides what the merged model is:
   weight, adds the update and quantizes the sum to NF4 again, which rounds
   much of the small update away.
 
-A full-precision merge can be saved and reloaded quantized to NF4
+The first two are built in fp32 on every device, a GPU included
+(``MERGE_PRECISION``). A full-precision merge can be saved and reloaded quantized to NF4
 (``save_merged``, ``load_requantized``) to ship one 4-bit model.
 """
 
@@ -37,6 +38,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from qlora_tutorial.data import LABEL_NAMES
+from qlora_tutorial.devices import model_device, to_model_device
 from qlora_tutorial.modeling import QLORA_PRECISION, Precision, load_adapter, load_classifier
 from qlora_tutorial.settings import Settings
 
@@ -49,11 +51,6 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     if not texts:
         raise ValueError("No texts to predict: pass a non-empty list of strings (e.g. news headlines).")
     return texts
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (where inputs must go)."""
-    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -79,7 +76,7 @@ def predict_logits(
     for start in range(0, len(texts), batch_size):
         rows = order[start : start + batch_size]
         features = [{key: values[i] for key, values in encoded.items()} for i in rows]
-        batch = tokenizer.pad(features, return_tensors="pt").to(device)
+        batch = to_model_device(tokenizer.pad(features, return_tensors="pt"), device)
         logits[rows] = model(**batch).logits.float().cpu().numpy()
     return logits
 
@@ -116,7 +113,7 @@ def latencies_ms(
     device = model_device(model)
 
     def run(text: str) -> None:
-        batch = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        batch = to_model_device(tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt"), device)
         model(**batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -172,11 +169,16 @@ def hardest_mistakes(
     )
 
 
-def full_precision(settings: Settings) -> Precision:
-    """The unquantized precision to merge at: fp32 on the CPU, the 16-bit compute dtype on a GPU."""
-    if settings.device != "cuda":
-        return Precision.FP32
-    return Precision.BF16 if settings.compute_dtype == torch.bfloat16 else Precision.FP16
+MERGE_PRECISION = Precision.FP32
+"""The precision every merge is built and kept in, on every device (notebook 05).
+
+On the CPU it is also the compute dtype, so nothing changes there. On a GPU it
+is fp32 too, not the 16-bit compute dtype: rounding ``W + ΔW`` to bf16 moves
+each weight by up to half a bf16 ulp, about 6% of a typical ``|ΔW|``, and a
+16-bit base would also hold the embeddings, norms and head in 16 bit where
+training kept them in fp32. In fp32 the merge into the dequantized base is the
+trained model's arithmetic on both devices.
+"""
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
@@ -204,18 +206,32 @@ def merge_into_4bit(settings: Settings, adapter_dir: str | Path) -> PreTrainedMo
 
 
 def merge_into_original(settings: Settings, adapter_dir: str | Path) -> PreTrainedModel:
-    """Merge the adapter into the original, unquantized checkpoint (fp32 on the CPU, 16-bit on a GPU).
+    """Merge the adapter into the original, unquantized checkpoint, in fp32 on every device (``MERGE_PRECISION``).
 
     The adapter was trained against the NF4 weights, not these, so the result differs from the trained
     model by the base's quantization error, as notebook 05 measures.
     """
-    return load_trained(settings, adapter_dir, full_precision(settings)).merge_and_unload()
+    return load_trained(settings, adapter_dir, MERGE_PRECISION).merge_and_unload()
 
 
 def dequantized_base(settings: Settings) -> PreTrainedModel:
-    """The unquantized model whose quantized layers hold the NF4 weights, dequantized: what QLoRA trained against."""
-    base = load_classifier(settings, full_precision(settings))
-    quantized = load_classifier(settings, QLORA_PRECISION)
+    """The fp32 model whose quantized layers hold the NF4 weights, dequantized: what QLoRA trained against.
+
+    bitsandbytes dequantizes to the dtype the weights were quantized from: fp32
+    on the CPU; on a GPU the 16-bit compute dtype, which is exactly the weight
+    the 4-bit layers computed with in training, and which fp32 holds without
+    rounding. Both models sit on ``settings.device``, so the copy stays there.
+    """
+    return copy_dequantized_weights(
+        load_classifier(settings, QLORA_PRECISION), load_classifier(settings, MERGE_PRECISION)
+    )
+
+
+def copy_dequantized_weights(quantized: torch.nn.Module, base: PreTrainedModel) -> PreTrainedModel:
+    """Overwrite each of ``base``'s linear weights with the dequantized weight of the same 4-bit layer in ``quantized``.
+
+    Used for the classifier here and for the decoder of notebook 08; both models must have the same layer names.
+    """
     for name, layer in quantized.named_modules():
         if isinstance(layer, bnb.nn.Linear4bit):
             target = base.get_submodule(name).weight

@@ -25,6 +25,7 @@ from transformers import (
 
 from qlora_tutorial.cpu_packing import keep_standard_layout
 from qlora_tutorial.data import LABEL_NAMES, id2label, label2id
+from qlora_tutorial.devices import placement
 from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.settings import Settings
 from qlora_tutorial.sources import resolve_model_path
@@ -135,7 +136,8 @@ def load_classifier(
 
     The head is new and randomly initialised (seeded by the profile: every
     global RNG is reseeded, so the adapters attached next start the same way
-    too), and kept out of quantization. 4-bit layers are guarded against bitsandbytes' CPU
+    too), and kept out of quantization. The whole model sits on ``settings.device``
+    at every precision (``devices.placement``). 4-bit layers are guarded against bitsandbytes' CPU
     repacking (``cpu_packing.keep_standard_layout``) before any forward pass.
     Safetensors only; a Hub token, if any, comes from the environment (``HF_TOKEN``).
     """
@@ -149,6 +151,7 @@ def load_classifier(
         label2id=label2id(),
         quantization_config=quantization_config(precision, settings.compute_dtype, skip_modules=skip_modules),
         dtype=storage_dtype(precision, settings.compute_dtype),
+        device_map=placement(settings),
         use_safetensors=True,
     )
     if skip_modules is not None:

@@ -9,10 +9,12 @@ notebook come from the same code.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
+from peft.utils.error import NoMatchingPeftModuleError
 
 from qlora_tutorial.data import load_splits, tokenize_splits
 from qlora_tutorial.distributed import data_parallel_arguments
@@ -20,6 +22,7 @@ from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.memory import format_bytes
 from qlora_tutorial.modeling import (
     QLORA_PRECISION,
+    REFERENCE_TARGETS,
     Precision,
     attach_lora,
     load_classifier,
@@ -39,11 +42,21 @@ def check_method(precision: Precision, use_lora: bool) -> None:
         )
 
 
-def method_name(precision: Precision, use_lora: bool) -> str:
-    """A short label: ``full``, ``LoRA`` or ``QLoRA`` with the precision."""
+def method_name(precision: Precision, use_lora: bool, target_modules: str | Collection[str] | None = None) -> str:
+    """A short label: ``full``, ``LoRA`` or ``QLoRA`` with the precision, and the adapted layers unless the reference's.
+
+    ``target_modules`` as ``LoraConfig`` takes it: ``None`` or query and value
+    (the reference recipe) add nothing, ``"all-linear"`` adds "all linear
+    layers" (notebook 06), a list of names adds them, sorted.
+    """
     if not use_lora:
         return f"full fine-tuning ({precision.value})"
-    return f"QLoRA ({precision.value})" if precision.is_quantized else f"LoRA ({precision.value} base)"
+    where = f"{precision.value}" if precision.is_quantized else f"{precision.value} base"
+    if target_modules == "all-linear":
+        where += ", all linear layers"
+    elif target_modules is not None and set(target_modules) != set(REFERENCE_TARGETS):
+        where += f", on {', '.join(sorted(target_modules))}"
+    return f"{'QLoRA' if precision.is_quantized else 'LoRA'} ({where})"
 
 
 def train_and_evaluate(
@@ -70,8 +83,16 @@ def train_and_evaluate(
     tokenized = tokenize_splits(splits, tokenizer, settings.profile.max_length, pad_to_max_length=pad_to_max_length)
     model = load_classifier(settings, precision)
     record.measure_weights(model)
+    targets = None if lora_config is None else lora_config.target_modules
     if use_lora:
-        model = attach_lora(model, lora_config)
+        try:
+            model = attach_lora(model, lora_config)
+        except NoMatchingPeftModuleError as error:  # the names a learner passed match no layer of this model
+            named = targets if isinstance(targets, str) else ", ".join(sorted(targets or ()))
+            raise UserInputError(
+                f"No layer of {settings.model_name} matches the target modules {named}. Name its "
+                "linear layers (a BERT's are query, key, value and dense), or pass all-linear."
+            ) from error
     overrides = {**data_parallel_arguments(settings), **training_overrides}  # under accelerate launch too (notebook 07)
     trainer = make_trainer(model, settings, tokenized, tokenizer, output_dir, **overrides)
     trainer.add_callback(record)
@@ -82,7 +103,7 @@ def train_and_evaluate(
         splits,
         tokenized,
         output_dir,
-        method=method_name(precision, use_lora),
+        method=method_name(precision, use_lora, targets),
         precision=precision.value,
         lora=use_lora,
     )

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator, PercentFormatter
 from sklearn.metrics import confusion_matrix
 
+from qlora_tutorial.comparison import comparable_peak_rows
 from qlora_tutorial.data import LABEL_NAMES
 from qlora_tutorial.projection import PAPER_65B_QLORA_BOUND_GB, get_shape
 from qlora_tutorial.quantization import bits_per_parameter
@@ -337,12 +338,13 @@ def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> 
 
     Each row holds ``method``, ``weight_mib``, ``peak_mib``, ``peak_kind``, ``validation_accuracy`` and
     ``test_accuracy``, an ``uncertainty.Interval`` drawn with its 95% error bar (``comparison.comparison_row``);
-    rows without a test accuracy (inference-only) are left out. A peak that is not the run's own
-    (``peak_mib`` None, ``memory.peak_is_own``) gets no bar, only a note.
+    rows without a test accuracy (inference-only) are left out. Only peaks that compare get a bar
+    (``comparison.comparable_peak_rows``): a peak that is not the run's own (``memory.peak_is_own``), or one
+    from a run that started from another baseline than a fresh process's, gets only a note saying so.
     Weights and peak memory get separate panels: on one axis the tens of MiB of weights would vanish next to a
     peak of over a GiB.
     """
-    rows = [row for row in rows if row.get("test_accuracy") is not None]
+    rows = comparable_peak_rows([row for row in rows if row.get("test_accuracy") is not None])
     names = [str(row["method"]).replace(" (", "\n(") for row in rows]
     kinds = " / ".join(sorted({str(row["peak_kind"]) for row in rows}))
     x = np.arange(len(rows))
@@ -352,8 +354,12 @@ def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> 
         (peak, "peak_mib", f"peak memory, {kinds} (MiB)", "Peak memory while training", "tab:red"),
     ):
         values = [row[key] for row in rows]
+        labels = [
+            str(row.get("peak_note")) if value is None else f"{float(value):.0f}"
+            for row, value in zip(rows, values, strict=True)
+        ]
         bars = axis.bar(x, [0.0 if value is None else float(value) for value in values], color=color)
-        axis.bar_label(bars, labels=["not its own" if v is None else f"{float(v):.0f}" for v in values], fontsize=8)
+        axis.bar_label(bars, labels=labels, fontsize=8)
         axis.set(ylabel=ylabel, title=subtitle)
         axis.margins(y=0.12)
     validation = accuracy.bar(x - 0.2, [float(row["validation_accuracy"]) for row in rows], width=0.4)
@@ -392,14 +398,15 @@ def _memory_line(axis: Axes, memory: float, text: str, above: bool, **style: obj
 def plot_memory_projection(
     sizes: Sequence[str], gigabytes: Mapping[str, Sequence[float]], gpus: Mapping[str, float], title: str
 ) -> Figure:
-    """Notebook 06: projected training memory (GB) against parameter count, one line per method, GPUs as lines.
+    """Notebook 06: projected training memory (GiB) against parameter count, one line per method, GPUs as lines.
 
     ``sizes`` are names from ``projection.LLAMA_SHAPES``; each is placed at its
     real parameter count, so both axes are numeric and log scale, and a method
     whose memory is proportional to the parameters is a straight line of slope
-    one. GPUs with the same memory share a line; the QLoRA paper's 48 GB (65B
-    on one GPU) is drawn too. Labels sit in the right margin, below their line
-    when the next line up is too close.
+    one. GPUs with the same memory (GiB, ``projection.GPU_MEMORY_GIB``) share a
+    line; the QLoRA paper's 48 GB GPU (65B on one GPU, a 48 GiB card) is drawn
+    too. Labels sit in the right margin, below their line when the next line up
+    is too close.
     """
     parameters = [get_shape(size).parameters for size in sizes]
     figure, axis = plt.subplots(figsize=(10, 5.5), layout="constrained")
@@ -408,9 +415,9 @@ def plot_memory_projection(
     names_by_memory: dict[float, list[str]] = {}
     for gpu, memory in gpus.items():
         names_by_memory.setdefault(float(memory), []).append(gpu)
-    lines = {memory: f"{' / '.join(names)} ({memory:g} GB)" for memory, names in names_by_memory.items()}
+    lines = {memory: f"{' / '.join(names)} ({memory:g} GiB)" for memory, names in names_by_memory.items()}
     paper = float(PAPER_65B_QLORA_BOUND_GB)
-    paper_text = f"{paper:g} GB: the QLoRA paper's one GPU for 65B"
+    paper_text = f"{paper:g} GiB: the QLoRA paper's one GPU for 65B"
     lines[paper] = f"{lines[paper]}; {paper_text}" if paper in lines else paper_text
     heights = sorted(lines)
     for index, memory in enumerate(heights):
@@ -425,7 +432,7 @@ def plot_memory_projection(
     )
     axis.set(
         xlabel="parameters (log scale; LLaMA shapes, named size and exact count)",
-        ylabel="training memory without activations (GB, log scale)",
+        ylabel="training memory without activations (GiB, log scale)",
     )
     axis.set_title(title)
     axis.grid(alpha=0.3, which="both", axis="y")

@@ -23,22 +23,34 @@ out (``ByteAssumption``). The three methods use the paper's:
 parts upcast to fp32 (4 bytes), as ``prepare_model_for_kbit_training`` does in
 this series. Activations are left out: they depend on batch size and sequence
 length, and gradient checkpointing trades them for compute. So every figure
-here is a floor a run cannot go below, not a prediction of its peak. Sizes are
-in decimal GB, as GPUs are sold; GiB (2**30 bytes) only where labelled.
+here is a floor a run cannot go below, not a prediction of its peak.
+
+Units: the QLoRA paper's own figures (">780 GB", "under 48 GB") are checked in
+decimal GB (10**9 bytes), as the paper states them. A GPU's memory is binary:
+a "48 GB" RTX A6000 holds 48 GiB (2**30 bytes), as
+``torch.cuda.get_device_properties`` reports it. So every comparison with a
+GPU (``Projection.fits``, the tables) is made in GiB: 48.3 GB is 45.0 GiB,
+which fits a 48 GiB card.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-GB = 10**9  # decimal gigabytes, as GPU sizes and the QLoRA paper state them
-GIB = 2**30
-NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 second-level absmax per 256
+from qlora_tutorial.errors import UserInputError
+
+GB = 10**9  # decimal gigabytes, as the QLoRA paper states its figures
+GIB = 2**30  # binary gigabytes, as a GPU's memory is built and reported
+NF4_CODE_BITS = 4  # the 4-bit code of each weight: a parameter, which FSDP shards
+QUANT_STATE_BITS = 8 / 64 + 32 / (64 * 256)  # 8-bit absmax per 64, fp32 second-level absmax per 256: not a parameter
+NF4_DQ_BITS = NF4_CODE_BITS + QUANT_STATE_BITS
 PAPER_RANK = 64
 PAPER_65B_QLORA_BOUND_GB = 48  # the paper: 65B fine-tuned on one 48 GB GPU
 PAPER_65B_FULL_16BIT_GB = 780  # the paper: "more than 780 GB" for 16-bit full fine-tuning of 65B
 METHODS = ("16-bit full fine-tuning", "16-bit LoRA", "QLoRA (NF4 + DQ)")
-GPU_MEMORY_GB: dict[str, float] = {
+# Each GPU's memory in GiB: the products are sold as "16 GB", "40GB" and so on and hold that many GiB (the H200's
+# "141 GB" is taken the same way). What a program can allocate is a little less (the CUDA context, ECC on some cards).
+GPU_MEMORY_GIB: dict[str, float] = {
     "T4": 16,
     "A100 40GB": 40,
     "RTX A6000 48GB": 48,
@@ -115,7 +127,7 @@ class ModelShape:
     def lora_parameters(self, rank: int = PAPER_RANK) -> int:
         """LoRA A and B matrices on all seven linear layers of every block: r * (fan_in + fan_out) each."""
         if rank <= 0:
-            raise ValueError(f"The LoRA rank must be positive, got {rank}. The QLoRA paper uses r={PAPER_RANK}.")
+            raise UserInputError(f"The LoRA rank must be positive, got {rank}. The QLoRA paper uses r={PAPER_RANK}.")
         per_layer = 4 * rank * 2 * self.hidden + 3 * rank * (self.hidden + self.intermediate)
         return self.layers * per_layer
 
@@ -139,7 +151,7 @@ def get_shape(name: str) -> ModelShape:
         return LLAMA_SHAPES[name]
     except KeyError:
         known = ", ".join(LLAMA_SHAPES)
-        raise ValueError(
+        raise UserInputError(
             f"Unknown model size {name!r}. Known sizes: {known}. "
             "For another model, build a ModelShape(name, hidden, layers, intermediate) yourself."
         ) from None
@@ -147,7 +159,7 @@ def get_shape(name: str) -> ModelShape:
 
 def _check_count(name: str, count: int) -> None:
     if count <= 0:
-        raise ValueError(f"{name} must be a positive number of parameters, got {count}.")
+        raise UserInputError(f"{name} must be a positive number of parameters, got {count}.")
 
 
 def training_bytes(method: str, linear: int, other: int, lora: int, assumption: ByteAssumption | None = None) -> float:
@@ -157,14 +169,14 @@ def training_bytes(method: str, linear: int, other: int, lora: int, assumption: 
     count: doubling all three doubles the bytes.
     """
     if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
+        raise UserInputError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
     _check_count("linear", linear)
     _check_count("other", other)
     if method != METHODS[0]:
         _check_count("lora", lora)
     chosen = assumption or PAPER_ASSUMPTIONS[method]
     if chosen.method != method:
-        raise ValueError(f"The assumption {chosen.note!r} is for {chosen.method}, not {method}.")
+        raise UserInputError(f"The assumption {chosen.note!r} is for {chosen.method}, not {method}.")
     return chosen.bytes_for(linear, other, lora)
 
 
@@ -197,14 +209,19 @@ class Projection:
 
     @property
     def gb(self) -> float:
-        """The memory in decimal GB."""
+        """The memory in decimal GB, the unit of the QLoRA paper's figures."""
         return self.bytes / GB
 
+    @property
+    def gib(self) -> float:
+        """The memory in GiB, the unit of a GPU's memory."""
+        return self.bytes / GIB
+
     def fits(self, gpu: str) -> bool:
-        """True when the projection (activations excluded) is within the GPU's memory."""
-        if gpu not in GPU_MEMORY_GB:
-            raise ValueError(f"Unknown GPU {gpu!r}. Known GPUs: {', '.join(GPU_MEMORY_GB)}.")
-        return self.gb <= GPU_MEMORY_GB[gpu]
+        """True when the projection (activations excluded) is within the GPU's memory, both in GiB."""
+        if gpu not in GPU_MEMORY_GIB:
+            raise UserInputError(f"Unknown GPU {gpu!r}. Known GPUs: {', '.join(GPU_MEMORY_GIB)}.")
+        return self.gib <= GPU_MEMORY_GIB[gpu]
 
 
 def project(shape: ModelShape | str, method: str, rank: int = PAPER_RANK) -> Projection:
@@ -221,17 +238,17 @@ def project_all(rank: int = PAPER_RANK) -> list[Projection]:
 
 
 def projection_table(projections: list[Projection]) -> str:
-    """A Markdown table: one row per model size, one column per method, then the smallest GPU each fits."""
+    """A Markdown table: one row per model size, one column per method (GiB), then the smallest GPU QLoRA fits."""
     sizes = list(dict.fromkeys(p.model for p in projections))
     by_key = {(p.model, p.method): p for p in projections}
     methods = list(dict.fromkeys(p.method for p in projections))
-    header = ["model", "parameters", *(f"{m} (GB)" for m in methods), "smallest GPU for QLoRA"]
+    header = ["model", "parameters", *(f"{m} (GiB)" for m in methods), "smallest GPU for QLoRA"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for size in sizes:
         cells = [size, f"{by_key[size, methods[0]].parameters / 1e9:.2f}B"]
-        cells += [f"{by_key[size, m].gb:,.1f}" for m in methods]
+        cells += [f"{by_key[size, m].gib:,.1f}" for m in methods]
         qlora = by_key.get((size, METHODS[2]))
-        fitting = [gpu for gpu in GPU_MEMORY_GB if qlora is not None and qlora.fits(gpu)]
+        fitting = [gpu for gpu in GPU_MEMORY_GIB if qlora is not None and qlora.fits(gpu)]
         cells.append(fitting[0] if fitting else "none listed")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -240,12 +257,16 @@ def projection_table(projections: list[Projection]) -> str:
 # Per rank, when N GPUs train one model together (notebook 07). Data parallelism (DDP) gives every rank the whole
 # model, so each holds what one GPU would, plus DDP's gradient buckets (a copy of the gradients, in their 16-bit
 # dtype, that the all-reduce works on). Fully sharded data parallelism (FSDP, ZeRO-3) gives each rank 1/N of the
-# weights, gradients and optimizer state, and gathers whole units for the time they compute: the transformer block
+# parameters, gradients and optimizer state, and gathers whole units for the time they compute: the transformer block
 # that runs and the one prefetched (GATHERED_BLOCKS), and the root unit (embeddings, LM head, final norm), which stays
-# gathered from the forward pass to the backward pass. On one GPU neither wrapper is used.
+# gathered from the forward pass to the backward pass. FSDP shards parameters only: bitsandbytes keeps a 4-bit
+# layer's quantization state (absmax and the nested constants) in a ``QuantState`` on ``Linear4bit.quant_state``,
+# no parameter, so every rank holds all of it. "FSDP offload" is FSDP with ``fsdp_offload_params: true``: the
+# sharded parameters, their gradients and the optimizer step live in CPU RAM, and a GPU holds only what is gathered
+# and the quantization state. On one GPU DDP is not used; FSDP offload still is (it is the point of it).
 SCALE_OUT_RANKS = (1, 2, 4, 8)
-SCALE_OUT_GPU_GB = (24, 48, 80)
-STRATEGIES = ("DDP", "FSDP")
+SCALE_OUT_GPU_GIB = (24, 48, 80)
+STRATEGIES = ("DDP", "FSDP", "FSDP offload")
 GATHERED_BLOCKS = 2
 GATHERED_BYTES = 2  # a gathered 16-bit weight (the frozen base of LoRA, LoRA's own weights, the root unit)
 
@@ -265,7 +286,7 @@ class GroupedQueryShape(ModelShape):
     def lora_parameters(self, rank: int = PAPER_RANK) -> int:
         """LoRA A and B on all seven linear layers of every block: r * (fan_in + fan_out) each."""
         if rank <= 0:
-            raise ValueError(f"The LoRA rank must be positive, got {rank}. The QLoRA paper uses r={PAPER_RANK}.")
+            raise UserInputError(f"The LoRA rank must be positive, got {rank}. The QLoRA paper uses r={PAPER_RANK}.")
         h = self.hidden
         per_layer = 2 * rank * 2 * h + 2 * rank * (h + self.kv_hidden) + 3 * rank * (h + self.intermediate)
         return self.layers * per_layer
@@ -277,11 +298,14 @@ SCALE_OUT_SHAPES: dict[str, ModelShape] = {"7B": LLAMA_SHAPES["7B"], "13B": LLAM
 
 
 def gathered_block_bytes(shape: ModelShape, method: str, rank: int = PAPER_RANK) -> float:
-    """One transformer block's weights as FSDP gathers them: NF4 for QLoRA's linear layers, 16 bits for the rest."""
+    """One transformer block's weights as FSDP gathers them: QLoRA's linear layers as 4-bit codes, 16 bits the rest.
+
+    The gathered codes come without their quantization state, which every rank holds already.
+    """
     linear, lora = shape.linear_parameters / shape.layers, shape.lora_parameters(rank) / shape.layers
     if method == METHODS[0]:
         return GATHERED_BYTES * linear
-    base = NF4_DQ_BITS / 8 if method == METHODS[2] else GATHERED_BYTES
+    base = NF4_CODE_BITS / 8 if method == METHODS[2] else GATHERED_BYTES
     return base * linear + GATHERED_BYTES * lora
 
 
@@ -291,28 +315,59 @@ def gradient_bucket_bytes(shape: ModelShape, method: str, rank: int = PAPER_RANK
     return GATHERED_BYTES * trained
 
 
-def per_rank_bytes(shape: ModelShape, method: str, ranks: int, strategy: str, rank: int = PAPER_RANK) -> float:
-    """Bytes one of ``ranks`` GPUs holds to fine-tune ``shape`` with ``method`` under ``strategy`` (activations out)."""
+def quant_state_bytes(shape: ModelShape, method: str) -> float:
+    """QLoRA's quantization state (absmax, second-level absmax): on every rank whole, FSDP or not. 0 for the others.
+
+    The per-layer code books (16 and 256 fp32 values) add about 1 KB per layer and are left out.
+    """
+    return QUANT_STATE_BITS / 8 * shape.linear_parameters if method == METHODS[2] else 0.0
+
+
+def _check_scale_out(method: str, ranks: int, strategy: str) -> None:
+    if method not in METHODS:
+        raise UserInputError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
     if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}. Known strategies: {', '.join(STRATEGIES)}.")
+        raise UserInputError(f"Unknown strategy {strategy!r}. Known strategies: {', '.join(STRATEGIES)}.")
     if ranks < 1:
-        raise ValueError(f"The number of GPUs must be at least 1, got {ranks}.")
+        raise UserInputError(f"The number of GPUs must be at least 1, got {ranks}.")
+
+
+def per_rank_bytes(shape: ModelShape, method: str, ranks: int, strategy: str, rank: int = PAPER_RANK) -> float:
+    """GPU bytes one of ``ranks`` GPUs holds to fine-tune ``shape`` with ``method`` under ``strategy`` (no activations).
+
+    ``strategy`` is one of ``STRATEGIES``; ``rank`` is LoRA's rank r, not a
+    process's. FSDP: the 1/N share of everything but the quantization state,
+    which every rank holds whole, plus the gathered units. FSDP offload: the
+    gathered units and the quantization state only (the share is in CPU RAM,
+    ``offloaded_bytes``).
+    """
+    _check_scale_out(method, ranks, strategy)
     total = training_bytes(method, shape.linear_parameters, shape.other_parameters, shape.lora_parameters(rank))
+    replicated = quant_state_bytes(shape, method)
+    gathered = GATHERED_BLOCKS * gathered_block_bytes(shape, method, rank) + GATHERED_BYTES * shape.other_parameters
+    if strategy == "FSDP offload":
+        return replicated + gathered
     if ranks == 1:
         return total
     if strategy == "DDP":
         return total + gradient_bucket_bytes(shape, method, rank)
-    gathered = GATHERED_BLOCKS * gathered_block_bytes(shape, method, rank) + GATHERED_BYTES * shape.other_parameters
-    return total / ranks + gathered
+    return (total - replicated) / ranks + replicated + gathered
+
+
+def offloaded_bytes(shape: ModelShape, method: str, ranks: int, rank: int = PAPER_RANK) -> float:
+    """CPU RAM one rank holds under FSDP offload: its share of the parameters, gradients and optimizer state."""
+    _check_scale_out(method, ranks, "FSDP offload")
+    total = training_bytes(method, shape.linear_parameters, shape.other_parameters, shape.lora_parameters(rank))
+    return (total - quant_state_bytes(shape, method)) / ranks
 
 
 def per_rank_table(
     shapes: dict[str, ModelShape], rows: list[tuple[str, str]], rank: int = PAPER_RANK
 ) -> tuple[str, dict[tuple[str, str, str, int], float]]:
-    """A Markdown table of GB per rank: one row per model and (method, strategy), one column per GPU count.
+    """A Markdown table of GiB per GPU: one row per model and (method, strategy), one column per GPU count.
 
-    Each cell names the GPU sizes of ``SCALE_OUT_GPU_GB`` it fits. Also returns
-    the numbers, keyed by (model, method, strategy, GPUs).
+    Each cell names the GPU sizes of ``SCALE_OUT_GPU_GIB`` it fits. Also returns
+    the numbers (GiB), keyed by (model, method, strategy, GPUs).
     """
     header = ["model", "method", "strategy", *(f"{n} GPU{'s' if n > 1 else ''}" for n in SCALE_OUT_RANKS)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -321,9 +376,9 @@ def per_rank_table(
         for method, strategy in rows:
             cells = [name, method, strategy]
             for ranks in SCALE_OUT_RANKS:
-                gb = per_rank_bytes(shape, method, ranks, strategy, rank) / GB
-                numbers[name, method, strategy, ranks] = gb
-                fits = [f"{size}" for size in SCALE_OUT_GPU_GB if gb <= size]
-                cells.append(f"{gb:,.2f} ({', '.join(fits)} GB)" if fits else f"{gb:,.2f} (none)")
+                gib = per_rank_bytes(shape, method, ranks, strategy, rank) / GIB
+                numbers[name, method, strategy, ranks] = gib
+                fits = [f"{size}" for size in SCALE_OUT_GPU_GIB if gib <= size]
+                cells.append(f"{gib:,.2f} ({', '.join(fits)} GiB)" if fits else f"{gib:,.2f} (none)")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), numbers

@@ -1,6 +1,6 @@
-"""Quantization from scratch: absmax int8, blockwise scaling, NF4, double quantization.
+"""Quantization from scratch: absmax int8, blockwise scaling, NF4, double quantization; llama.cpp's Q4_1.
 
-Taught in notebook 01. Pure PyTorch, written to be read. Each function does
+Taught in notebook 01 (Q4_1 in notebook 08). Pure PyTorch, written to be read. Each function does
 what bitsandbytes does on the CPU, and the tests check it against
 bitsandbytes: the NF4 code book value for value, the packed 4-bit bytes and
 absmax constants of ``bitsandbytes.functional.quantize_4bit`` byte for byte,
@@ -322,6 +322,51 @@ def relative_error(x: torch.Tensor, restored: torch.Tensor) -> float:
     """Reconstruction error as a share of the tensor's size: ``||x - restored|| / ||x||``."""
     original = x.detach().float()
     return float(torch.linalg.vector_norm(original - restored.float()) / torch.linalg.vector_norm(original))
+
+
+# --- llama.cpp's Q4_1, the format the packaged decoder ships in (notebook 08) --------------------------------------
+
+Q4_1_BLOCK_SIZE = 32
+Q4_1_BLOCK_BYTES = 2 + 2 + Q4_1_BLOCK_SIZE // 2  # an fp16 scale, an fp16 minimum, 32 four-bit codes
+Q4_1_LEVELS = 15  # codes 0 to 15: the block's minimum to its maximum in 15 equal steps
+
+
+def q4_1_dequantize(raw: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Weights from llama.cpp's Q4_1 bytes: each block of 32 holds a scale ``d``, a minimum ``m`` and codes ``q``.
+
+    Every weight is ``d * q + m``. Byte ``j`` of a block's codes holds weight
+    ``j`` in its low four bits and weight ``j + 16`` in its high four bits.
+    Unlike NF4 the grid is even and not centred on zero: asymmetric
+    (min/scale) where NF4 is symmetric (absmax) with levels at normal quantiles.
+    """
+    blocks = raw.reshape(-1, Q4_1_BLOCK_BYTES)
+    scale = blocks[:, 0:2].contiguous().view(torch.float16).float()
+    minimum = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    codes = blocks[:, 4:]
+    q = torch.cat([codes & 0x0F, codes >> 4], dim=1).float()
+    return (scale * q + minimum).reshape(tuple(shape))
+
+
+def q4_1_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """Quantize to Q4_1 and back, as llama.cpp does: per block of 32, 15 even steps from its minimum to its maximum.
+
+    The scale and the minimum are stored in fp16, so they are rounded to fp16 here too.
+    """
+    flat = check_float_tensor(x)
+    if flat.numel() % Q4_1_BLOCK_SIZE:
+        raise ValueError(f"Q4_1 needs a multiple of {Q4_1_BLOCK_SIZE} values, got {flat.numel()}.")
+    blocks = flat.reshape(-1, Q4_1_BLOCK_SIZE)
+    low, high = blocks.min(dim=1, keepdim=True).values, blocks.max(dim=1, keepdim=True).values
+    scale = (high - low) / Q4_1_LEVELS
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round((blocks - low) * inverse).clamp(0, Q4_1_LEVELS)
+    restored = scale.half().float() * q + low.half().float()
+    return restored.reshape(x.shape)
+
+
+def q4_1_bits_per_parameter() -> float:
+    """Bits a weight costs in Q4_1: 4 for its code plus its share of the block's two fp16 constants (5.0)."""
+    return 4 + 2 * 16 / Q4_1_BLOCK_SIZE
 
 
 # --- the bits-per-parameter bill (section 5) ----------------------------------------------------------------------

@@ -192,10 +192,38 @@ def get_profile(name: str) -> Profile:
         ) from None
 
 
-def compute_dtype_for(device: str, requested: torch.dtype | None = None) -> torch.dtype:
-    """The dtype 4-bit layers compute in: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU.
+NATIVE_BF16_CAPABILITY = (8, 0)
+"""The first CUDA compute capability with bf16 arithmetic in hardware (Ampere: A100, A10, L4, RTX 30xx and later)."""
 
-    A request for bf16 on a GPU without it (a T4, compute capability 7.5)
+
+def has_native_bf16() -> bool:
+    """Whether the current GPU computes in bf16 natively (compute capability 8.0 or higher).
+
+    Not ``torch.cuda.is_bf16_supported()``: its default, ``including_emulation=True``,
+    only checks below 8.0 that a bf16 tensor can be made, which works on a T4 (7.5),
+    so it answers True where every bf16 operation would be emulated.
+    """
+    return tuple(torch.cuda.get_device_capability()) >= NATIVE_BF16_CAPABILITY
+
+
+def compute_dtype_reason(device: str) -> str:
+    """Why ``compute_dtype_for(device)`` picks its dtype, in one line (the doctor prints it)."""
+    if device != "cuda":
+        return "float32: 4-bit layers compute in float32 on the CPU"
+    major, minor = torch.cuda.get_device_capability()
+    wanted = ".".join(map(str, NATIVE_BF16_CAPABILITY))
+    if has_native_bf16():
+        return f"bfloat16: compute capability {major}.{minor} has native bf16 ({wanted} or higher)"
+    return (
+        f"float16: compute capability {major}.{minor} has no native bf16 (it needs {wanted}; below, bf16 is emulated)"
+    )
+
+
+def compute_dtype_for(device: str, requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype 4-bit layers compute in: bf16 where the GPU has it natively, fp16 on older GPUs, fp32 on CPU.
+
+    Natively means compute capability 8.0 or higher (``has_native_bf16``). A
+    request for bf16 on a GPU below that (a T4, compute capability 7.5)
     raises instead of silently running in emulation.
     """
     if device != "cuda":
@@ -205,16 +233,25 @@ def compute_dtype_for(device: str, requested: torch.dtype | None = None) -> torc
                 "compute in float32. Leave the compute dtype unset on a CPU."
             )
         return torch.float32
-    has_bf16 = torch.cuda.is_bf16_supported()
+    native_bf16 = has_native_bf16()
     if requested is None:
-        return torch.bfloat16 if has_bf16 else torch.float16
-    if requested == torch.bfloat16 and not has_bf16:
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if requested == torch.bfloat16 and not native_bf16:
         name = torch.cuda.get_device_name()
         raise UserInputError(
             f"{name} does not support bfloat16. Use torch.float16 (the default on this GPU) "
             "or move to a GPU with compute capability 8.0 or newer (A100, L4, H100)."
         )
     return requested
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it: ``cpu`` always, ``cuda`` where CUDA is available."""
+    if device not in ("cpu", "cuda"):
+        raise UserInputError(f"Unknown device {device!r}. Use 'cpu' or 'cuda', or leave it unset to get the default.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("device='cuda' was requested, but CUDA is not available here. Use device='cpu'.")
+    return device
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
@@ -242,6 +279,7 @@ def load_settings(
     data_dir: str | Path | None = None,
     model: str | None = None,
     revision: str | None = None,
+    device: str | None = None,
 ) -> Settings:
     """Decide the run's settings from arguments, then the environment, then defaults.
 
@@ -250,6 +288,9 @@ def load_settings(
     profile's pinned revision unless ``revision`` names one. Runs are saved
     under ``QLORA_RUNS_DIR``, else ``default_runs_dir()``. A data folder or a
     model folder that does not exist is reported here, before any work starts.
+    ``device`` is ``cuda`` where CUDA is available and ``cpu`` elsewhere; pass
+    ``device="cpu"`` to match runs made on CPU processes on a GPU machine
+    (notebook 07); the compute dtype and the optimizer follow the device.
     """
     chosen = get_profile(profile or os.environ.get(PROFILE_ENV) or default_profile_name())
     model_override = model or os.environ.get(MODEL_ENV)
@@ -258,7 +299,7 @@ def load_settings(
     model_name = model_override or chosen.model_name
     revision = revision or (None if model_override else chosen.model_revision)
     resolved_dir = resolve_data_dir(data_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device) if device else "cuda" if torch.cuda.is_available() else "cpu"
     return Settings(
         profile=chosen,
         model_name=model_name,

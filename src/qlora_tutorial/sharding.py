@@ -5,7 +5,9 @@ started by ``accelerate launch`` (or torchrun), loads the profile's QLoRA model
 on every rank, wraps it, and trains a few steps on the same rows in the same
 order. Rank 0 writes a JSON report: the loss of every step (the mean over the
 global batch) and, for each rank, the bytes of parameters, gradients and AdamW
-state it holds, and its peak memory.
+state it holds, and of the 4-bit layers' quantization state, which is no
+parameter (bitsandbytes keeps it on ``Linear4bit.quant_state``), so no wrapper
+shards it.
 
 - ``none``: one process, no wrapper: the reference.
 - ``ddp``: every rank holds the whole model; DDP averages the gradients.
@@ -46,7 +48,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from qlora_tutorial.cpu_packing import linear4bit_layers
 from qlora_tutorial.data import load_splits
 from qlora_tutorial.distributed import strip_paths, world_size
-from qlora_tutorial.memory import tensor_bytes
+from qlora_tutorial.memory import quant_state_bytes, tensor_bytes
 from qlora_tutorial.modeling import attach_lora, load_classifier, load_tokenizer
 from qlora_tutorial.settings import Settings, load_settings
 
@@ -55,10 +57,14 @@ WRAPS = ("none", "ddp", "fsdp1", "fsdp2")
 
 @dataclass(frozen=True)
 class RankMemory:
-    """What one rank holds after its last step, in bytes: its own shards only (``optimizer_state``: AdamW's moments)."""
+    """What one rank holds after its last step, in bytes: its own shards (``optimizer_state``: AdamW's moments).
+
+    ``quant_state``: the 4-bit layers' absmax, code books and nested constants, all of them on every rank.
+    """
 
     parameters: int
     quantized_weights: int
+    quant_state: int
     gradients: int
     optimizer_state: int
 
@@ -163,6 +169,7 @@ def train_steps(
     memory = RankMemory(
         parameters=local_bytes(model.parameters()),
         quantized_weights=local_bytes(layer.weight for layer in linear4bit_layers(model)),
+        quant_state=sum(quant_state_bytes(layer.quant_state) for layer in linear4bit_layers(model)),
         gradients=gradients,
         optimizer_state=local_bytes(moments),
     )

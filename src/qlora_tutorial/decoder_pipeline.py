@@ -1,0 +1,180 @@
+"""The decoder's run in one function: data as chat turns, load, attach LoRA, train with the ``Trainer``, save.
+
+Taught in notebook 08, which writes the same steps out in its cells, as 04 does
+for the classifier, and reuses this module for what it runs more than once:
+``python -m qlora_tutorial train-decoder`` calls ``train_decoder``, and 08
+starts that command in fresh processes (``decoder_train_command``) to compare
+LoRA with QLoRA, and gradient checkpointing on with off, each from the same
+memory baseline on the same batches.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.trainer_utils import TrainOutput
+
+from qlora_tutorial.chat import instruction_collator, tokenize_instructions
+from qlora_tutorial.data import load_splits, stratified_indices
+from qlora_tutorial.decoder import decoder_lora_config, load_decoder, load_decoder_tokenizer
+from qlora_tutorial.decoder_profile import DecoderProfile
+from qlora_tutorial.memory import count_parameters, optimizer_state_bytes, peak_memory_bytes
+from qlora_tutorial.modeling import QLORA_PRECISION, Precision, attach_lora, parse_precision
+from qlora_tutorial.settings import Settings
+from qlora_tutorial.timing import after_warmup
+from qlora_tutorial.training import PEAK_KINDS, RunRecord, save_results, settings_record, training_arguments
+
+
+def decoder_splits(settings: Settings, profile: DecoderProfile) -> DatasetDict:
+    """``train``: a class-balanced sample of the classifier's training split; ``test``: one of its test split.
+
+    The test rows are a subset of the rows the classifier of 04 and 05 is
+    tested on, so the two models can be compared row by row (McNemar).
+    """
+    splits = load_splits(settings)
+    seed = settings.profile.seed
+    train = splits["train"].select(stratified_indices(np.asarray(splits["train"]["label"]), profile.train_rows, seed))
+    test_rows = stratified_indices(np.asarray(splits["test"]["label"]), profile.eval_rows, seed)
+    return DatasetDict(train=train, test=splits["test"].select(np.sort(test_rows)))
+
+
+def decoder_training_arguments(
+    settings: Settings, profile: DecoderProfile, output_dir: str | Path, **overrides: Any
+) -> TrainingArguments:
+    """The classifier's ``TrainingArguments`` (optimizer, precision flags, seeds) with the decoder's budget.
+
+    No evaluation during training: the model is scored after it, on the test
+    rows. ``include_num_input_tokens_seen`` counts the real (unpadded) tokens
+    trained on, for the tokens-per-second figure.
+    """
+    arguments: dict[str, Any] = {
+        "max_steps": profile.steps,
+        "per_device_train_batch_size": profile.batch_size,
+        "learning_rate": profile.learning_rate,
+        "warmup_steps": profile.warmup_steps,
+        "eval_strategy": "no",
+        "logging_steps": max(1, profile.steps // 10),
+        "include_num_input_tokens_seen": "non_padding",
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+    }
+    return training_arguments(settings, output_dir, **{**arguments, **overrides})
+
+
+def decoder_trainer(
+    model: Any, arguments: TrainingArguments, train: Dataset, tokenizer: PreTrainedTokenizerBase
+) -> Trainer:
+    """A ``Trainer`` over the instruction examples, padding each batch to its longest row (labels with -100)."""
+    return Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=train,
+        data_collator=instruction_collator(tokenizer),
+        processing_class=tokenizer,
+    )
+
+
+def decoder_results(
+    record: RunRecord, trainer: Trainer, train_output: TrainOutput, *, method: str, gradient_checkpointing: bool
+) -> dict[str, Any]:
+    """What a decoder run measured: step times, tokens per second, weights, peaks (``RunRecord``'s measurements)."""
+    if record.weights is None:
+        raise RuntimeError("Call record.measure_weights(base_model) after loading the base, before training.")
+    device = record.settings.device
+    tokens = trainer.state.num_input_tokens_seen
+    parameters = count_parameters(trainer.model)
+    return {
+        "method": method,
+        "gradient_checkpointing": gradient_checkpointing,
+        "train_steps": train_output.global_step,
+        "train_seconds": record.train_seconds,
+        "step_seconds": record.seconds,
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / sum(record.seconds) if record.seconds else 0.0,
+        "median_step_seconds": float(np.median(after_warmup(record.seconds))),
+        "train_loss": train_output.training_loss,
+        **record.weights,
+        "trainable_parameters": parameters.trainable,
+        "total_parameters": parameters.total,
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+        "memory_baseline_bytes": record.baseline_bytes,
+        "peak_at_start_bytes": record.peak_at_start,
+        "peak_before_training_bytes": record.peak_before_training,
+        "peak_after_training_bytes": record.peak_after_training,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": PEAK_KINDS["cuda" if device == "cuda" else "cpu"],
+        "log_history": trainer.state.log_history,
+        "settings": settings_record(record.settings),
+    }
+
+
+def decoder_method_name(precision: Precision) -> str:
+    """``QLoRA (nf4-dq)`` or ``LoRA (fp32 base)``."""
+    return f"QLoRA ({precision.value})" if precision.is_quantized else f"LoRA ({precision.value} base)"
+
+
+def train_decoder(
+    settings: Settings,
+    profile: DecoderProfile,
+    output_dir: str | Path,
+    precision: Precision | str = QLORA_PRECISION,
+    *,
+    gradient_checkpointing: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune the decoder with LoRA on every linear layer, save the adapter and ``results.json``; return the results.
+
+    The same steps as notebook 08's cells. ``precision`` fp32 gives LoRA on a
+    full-precision base, nf4-dq gives QLoRA.
+    """
+    precision = parse_precision(precision)
+    record = RunRecord(settings)
+    tokenizer = load_decoder_tokenizer(settings, profile)
+    train = tokenize_instructions(decoder_splits(settings, profile)["train"], tokenizer, profile.max_text_tokens)
+    model = load_decoder(settings, profile, precision)
+    record.measure_weights(model)
+    model = attach_lora(model, decoder_lora_config(profile))
+    arguments = decoder_training_arguments(
+        settings, profile, output_dir, activation_checkpointing=gradient_checkpointing
+    )
+    trainer = decoder_trainer(model, arguments, train, tokenizer)
+    trainer.add_callback(record)
+    train_output = trainer.train()
+    trainer.model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    results = decoder_results(
+        record,
+        trainer,
+        train_output,
+        method=decoder_method_name(precision),
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    save_results(output_dir, results)
+    return results
+
+
+def decoder_train_command(
+    settings: Settings,
+    profile: DecoderProfile,
+    output_dir: str | Path,
+    precision: Precision | str = QLORA_PRECISION,
+    *,
+    steps: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> list[str]:
+    """The ``python -m qlora_tutorial train-decoder`` command that repeats a run in a fresh process.
+
+    It names the profile, the data folder, the decoder and the step budget,
+    so the new process trains what this one would, whatever its environment says.
+    """
+    command = [sys.executable, "-m", "qlora_tutorial", "train-decoder", "--profile", settings.profile.name]
+    command += ["--model", profile.model_name, "--precision", parse_precision(precision).value]
+    if profile.model_revision is not None:
+        command += ["--revision", profile.model_revision]
+    if settings.data_dir is not None:
+        command += ["--data-dir", str(settings.data_dir)]
+    command += ["--steps", str(steps or profile.steps), "--output-dir", str(output_dir)]
+    return command + (["--gradient-checkpointing"] if gradient_checkpointing else [])
