@@ -10,6 +10,7 @@ quotes is still the one the code raises with the pinned stack.
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import re
 import subprocess
 import sys
@@ -26,8 +27,11 @@ import yaml
 from peft import get_peft_model
 
 from qlora_tutorial.data import load_ag_news
+from qlora_tutorial.errors import MissingInputError
+from qlora_tutorial.gguf_conversion import check_gguf_reader
 from qlora_tutorial.modeling import check_head_not_quantized, load_classifier, reference_lora_config
 from qlora_tutorial.settings import Settings, compute_dtype_for, get_profile, load_settings
+from qlora_tutorial.sources import packaged_smollm2_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 BOOK = REPO / "book"
@@ -156,6 +160,16 @@ def test_quoted_data_errors_are_current(tmp_path: Path) -> None:
         load_ag_news(folder)
     assert quoted(f"FileNotFoundError: {missing.value}".replace(str(folder), PLACEHOLDER_DIR))
     assert quoted(f"ValueError: {columns.value}".replace(str(folder), PLACEHOLDER_DIR))
+
+
+def test_quoted_decoder_errors_are_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(MissingInputError) as no_package:
+        packaged_smollm2_gguf()
+    with pytest.raises(MissingInputError) as no_reader:
+        check_gguf_reader()
+    assert quoted(f"MissingInputError: {no_package.value}")
+    assert quoted(f"MissingInputError: {no_reader.value}")
 
 
 def test_quoted_head_check_is_current() -> None:

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from unittest.mock import patch
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import modeling_gguf_pytorch_utils as gguf_loading
 from transformers.utils import logging as transformers_logging
 
 from qlora_tutorial.errors import MissingInputError
@@ -46,21 +48,18 @@ def check_gguf_reader() -> None:
 def quiet_progress_bars() -> Iterator[None]:
     """Hide the bars of a GGUF load ("Converting and de-quantizing GGUF tensors", "Loading weights").
 
-    transformers draws the first with ``tqdm`` directly, so its own switch does
-    not reach it; ``TQDM_DISABLE`` does. A conversion runs once, and its bars
-    would only clutter a notebook's output.
+    transformers draws the first with the ``tqdm`` its GGUF module imported,
+    which its own switch does not reach (nor ``TQDM_DISABLE``, which tqdm reads
+    once, at import), so that module's ``tqdm`` is swapped for a disabled one
+    while the file loads. A conversion runs once; its bars would only clutter a
+    notebook's output.
     """
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        with patch.object(gguf_loading, "tqdm", partial(gguf_loading.tqdm, disable=True)):
+            yield
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = previous
         if bars:
             transformers_logging.enable_progress_bar()
 
@@ -73,21 +72,21 @@ def convert_gguf(gguf_path: Path, output_dir: Path) -> Path:
     """
     check_gguf_reader()
     folder, name = str(gguf_path.parent), gguf_path.name
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    unfinished = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(unfinished, ignore_errors=True)
     with quiet_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, device_map={"": "cpu"})
-    config = loaded.config
-    del config.quantization_config  # the plain copy is an ordinary fp32 checkpoint, not a GGUF one
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.state_dict(), strict=True)
-    plain.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
+        config = loaded.config
+        del config.quantization_config  # the plain copy is an ordinary fp32 checkpoint, not a GGUF one
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(loaded.state_dict(), strict=True)
+        plain.save_pretrained(unfinished, safe_serialization=True)
+        tokenizer.save_pretrained(unfinished)
     source = {"gguf_file": name, "gguf_bytes": gguf_path.stat().st_size}
-    (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    (unfinished / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     shutil.rmtree(output_dir, ignore_errors=True)
-    partial.rename(output_dir)
+    unfinished.rename(output_dir)
     return output_dir
 
 
