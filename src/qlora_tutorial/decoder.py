@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding, Pre
 from qlora_tutorial.cpu_packing import keep_standard_layout
 from qlora_tutorial.data import LABEL_NAMES
 from qlora_tutorial.decoder_profile import DecoderProfile
-from qlora_tutorial.devices import placement, to_model_device
+from qlora_tutorial.devices import model_device, placement, to_model_device
 from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.gguf_conversion import packaged_decoder_dir
 from qlora_tutorial.inference import MERGE_PRECISION, copy_dequantized_weights
@@ -111,11 +111,14 @@ def topic_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return first
 
 
-def left_padded(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], model: torch.nn.Module) -> BatchEncoding:
+def left_padded(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], model: torch.nn.Module | torch.device
+) -> BatchEncoding:
     """A batch padded on the left, so every row's last position is where its answer begins, on the model's device.
 
     Position ids count real tokens only, so a row scores the same in any
-    batch, whatever padding its neighbours need.
+    batch, whatever padding its neighbours need. ``model`` may be the device
+    itself (``devices.model_device``, found once outside a loop).
     """
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -154,11 +157,12 @@ def score_topics(
     ids = topic_token_ids(tokenizer)
     scores = np.empty((len(prompts), len(ids)), dtype=np.float32)
     order = by_length(tokenizer, prompts)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), batch_size):
         rows = order[start : start + batch_size]
-        batch = left_padded(tokenizer, [prompts[i] for i in rows], model)
+        batch = left_padded(tokenizer, [prompts[i] for i in rows], device)
         logits = model(**batch, logits_to_keep=1).logits[:, -1, :].float()
         scores[rows] = torch.log_softmax(logits, dim=-1)[:, ids].cpu().numpy()
     model.train(was_training)

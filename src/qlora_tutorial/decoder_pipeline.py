@@ -23,11 +23,10 @@ from qlora_tutorial.chat import instruction_collator, tokenize_instructions
 from qlora_tutorial.data import load_splits, stratified_indices
 from qlora_tutorial.decoder import decoder_lora_config, load_decoder, load_decoder_tokenizer
 from qlora_tutorial.decoder_profile import DecoderProfile
-from qlora_tutorial.memory import count_parameters, optimizer_state_bytes, peak_memory_bytes
 from qlora_tutorial.modeling import QLORA_PRECISION, Precision, attach_lora, parse_precision
 from qlora_tutorial.settings import Settings
 from qlora_tutorial.timing import after_warmup
-from qlora_tutorial.training import PEAK_KINDS, RunRecord, save_results, settings_record, training_arguments
+from qlora_tutorial.training import RunRecord, save_results, training_arguments
 
 
 def decoder_splits(settings: Settings, profile: DecoderProfile) -> DatasetDict:
@@ -81,12 +80,8 @@ def decoder_trainer(
 def decoder_results(
     record: RunRecord, trainer: Trainer, train_output: TrainOutput, *, method: str, gradient_checkpointing: bool
 ) -> dict[str, Any]:
-    """What a decoder run measured: step times, tokens per second, weights, peaks (``RunRecord``'s measurements)."""
-    if record.weights is None:
-        raise RuntimeError("Call record.measure_weights(base_model) after loading the base, before training.")
-    device = record.settings.device
+    """What a decoder run measured: step times and tokens per second, with ``RunRecord``'s weights and peaks."""
     tokens = trainer.state.num_input_tokens_seen
-    parameters = count_parameters(trainer.model)
     return {
         "method": method,
         "gradient_checkpointing": gradient_checkpointing,
@@ -97,18 +92,7 @@ def decoder_results(
         "tokens_per_second": tokens / sum(record.seconds) if record.seconds else 0.0,
         "median_step_seconds": float(np.median(after_warmup(record.seconds))),
         "train_loss": train_output.training_loss,
-        **record.weights,
-        "trainable_parameters": parameters.trainable,
-        "total_parameters": parameters.total,
-        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-        "memory_baseline_bytes": record.baseline_bytes,
-        "peak_at_start_bytes": record.peak_at_start,
-        "peak_before_training_bytes": record.peak_before_training,
-        "peak_after_training_bytes": record.peak_after_training,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "peak_memory_kind": PEAK_KINDS["cuda" if device == "cuda" else "cpu"],
-        "log_history": trainer.state.log_history,
-        "settings": settings_record(record.settings),
+        **record.measurements(trainer),
     }
 
 

@@ -14,12 +14,15 @@ adapter layers disappear. Which base weights decides what the merged model is:
   checkpoint the NF4 base was quantized from, plus the update. The adapter
   never saw these weights, so the result differs by the quantization error;
 * into the 4-bit base (``merge_into_4bit``): PEFT (0.21) dequantizes each NF4
-  weight, adds the update and quantizes the sum to NF4 again, which rounds
-  much of the small update away.
+  weight, adds the update and quantizes the sum to NF4 again: the sum gets
+  new block constants and each weight snaps to a new level, so the change is
+  not the update.
 
 The first two are built in fp32 on every device, a GPU included
-(``MERGE_PRECISION``). A full-precision merge can be saved and reloaded quantized to NF4
-(``save_merged``, ``load_requantized``) to ship one 4-bit model.
+(``MERGE_PRECISION``). A full-precision merge can be saved (``save_merged``)
+and reloaded quantized to NF4 (``load_requantized``); that rounds the same sum
+as the merge into 4 bit (notebook 05, exercise 4), so the trained model ships
+as the adapter kept separate or as the dequantized merge in full precision.
 """
 
 from __future__ import annotations

@@ -174,6 +174,38 @@ class RunRecord(StepTimer):
         paged = paged_state_bytes(optimizer) if optimizer is not None else 0
         self.peak_after_training = peak_memory_bytes(self.settings.device) + paged  # CUDA's peak misses paged state
 
+    def base_weights(self) -> dict[str, int]:
+        """The base model's weight memory from ``measure_weights``; a clear error when it was never measured."""
+        if self.weights is None:
+            raise RuntimeError("Call measure_weights(base_model) after loading the base model, before training.")
+        return self.weights
+
+    def measurements(self, trainer: Trainer) -> dict[str, Any]:
+        """What every run's results hold, whatever it trained (the classifier here, notebook 08's decoder).
+
+        The base's weights, the parameters and the optimizer state, the memory
+        baseline and peaks (paged optimizer state added: CUDA's peak misses
+        it), the training log and the settings. Read when the run is done.
+        """
+        device = self.settings.device
+        parameters = count_parameters(trainer.model)
+        paged = paged_state_bytes(trainer.optimizer)
+        return {
+            **self.base_weights(),
+            "trainable_parameters": parameters.trainable,
+            "total_parameters": parameters.total,
+            "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
+            "paged_optimizer_state_bytes": paged,
+            "memory_baseline_bytes": self.baseline_bytes,
+            "peak_at_start_bytes": self.peak_at_start,
+            "peak_before_training_bytes": self.peak_before_training,
+            "peak_after_training_bytes": self.peak_after_training,
+            "peak_memory_bytes": peak_memory_bytes(device) + paged,
+            "peak_memory_kind": PEAK_KINDS["cuda" if device == "cuda" else "cpu"],
+            "log_history": trainer.state.log_history,
+            "settings": settings_record(self.settings),
+        }
+
     def finish(
         self,
         trainer: Trainer,
@@ -192,8 +224,7 @@ class RunRecord(StepTimer):
         (``pipeline.method_name``). Returns the results also written to
         ``output_dir/results.json``.
         """
-        if self.weights is None:
-            raise RuntimeError("Call measure_weights(base_model) after loading the base model, before training.")
+        self.base_weights()  # before the test split is predicted: fail early when the weights were never measured
         device = self.settings.device
         validation = final_validation(trainer) or trainer.evaluate()
         test_started = perf_counter()
@@ -204,8 +235,6 @@ class RunRecord(StepTimer):
             trainer.model.save_pretrained(output_dir)
             if trainer.processing_class is not None:
                 trainer.processing_class.save_pretrained(output_dir)
-        parameters = count_parameters(trainer.model)
-        paged = paged_state_bytes(trainer.optimizer)
         results = {
             "method": method,
             "precision": precision,
@@ -222,20 +251,8 @@ class RunRecord(StepTimer):
             "step_seconds": self.seconds,
             # timed here: in Jupyter the Trainer's NotebookProgressCallback pops its *_samples_per_second keys
             "test_examples_per_second": len(tokenized["test"]) / test_seconds,
-            **self.weights,
-            "trainable_parameters": parameters.trainable,
-            "total_parameters": parameters.total,
-            "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
-            "paged_optimizer_state_bytes": paged,
-            "memory_baseline_bytes": self.baseline_bytes,
-            "peak_at_start_bytes": self.peak_at_start,
-            "peak_before_training_bytes": self.peak_before_training,
-            "peak_after_training_bytes": self.peak_after_training,
-            "peak_memory_bytes": peak_memory_bytes(device) + paged,
-            "peak_memory_kind": PEAK_KINDS["cuda" if device == "cuda" else "cpu"],
+            **self.measurements(trainer),
             "total_seconds": perf_counter() - self.started,
-            "log_history": trainer.state.log_history,
-            "settings": settings_record(self.settings),
             **parallel_record(trainer, device),
         }
         if writes:
