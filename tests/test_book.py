@@ -27,6 +27,7 @@ import yaml
 from peft import get_peft_model
 
 from qlora_tutorial.data import load_ag_news
+from qlora_tutorial.distributed import REPOSITORY
 from qlora_tutorial.errors import MissingInputError
 from qlora_tutorial.gguf_conversion import check_gguf_reader
 from qlora_tutorial.modeling import check_head_not_quantized, load_classifier, reference_lora_config
@@ -77,6 +78,57 @@ def test_every_page_file_exists() -> None:
 
 def test_the_book_never_executes_notebooks() -> None:
     assert CONFIG["execute"]["execute_notebooks"] == "off"
+
+
+def repository_slug() -> tuple[str, str]:
+    """``owner/name`` and the branch of the one repository URL, book/_config.yml's."""
+    url = CONFIG["repository"]["url"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url), url
+    return url.removeprefix("https://github.com/"), CONFIG["repository"]["branch"]
+
+
+PROSE = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted(BOOK.glob("*.md"))]
+REPOSITORY_LINKS = {
+    "Colab link": re.compile(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/([\w.-]+)/"),
+    "raw file": re.compile(r"raw\.githubusercontent\.com/([\w.-]+/[\w.-]+)/([\w.-]+)/"),
+    "clone": re.compile(r"git clone https://github\.com/([\w.-]+/[\w.-]+)()"),
+    "pip from git": re.compile(r"git\+https://github\.com/([\w.-]+/[\w.-]+)()"),
+}
+
+
+@pytest.mark.parametrize("path", PROSE, ids=lambda path: path.name)
+def test_every_link_to_the_repository_names_the_configured_one(path: Path) -> None:
+    """Colab links, raw files, clone and pip lines in the prose all open the repository of book/_config.yml."""
+    slug, branch = repository_slug()
+    text = path.read_text(encoding="utf-8")
+    for kind, pattern in REPOSITORY_LINKS.items():
+        for found_slug, found_branch in pattern.findall(text):
+            assert found_slug == slug, f"{path.name}: a {kind} names {found_slug}, book/_config.yml {slug}"
+            assert found_branch in ("", branch), f"{path.name}: a {kind} names branch {found_branch}, not {branch}"
+
+
+def test_the_readme_opens_every_notebook_in_colab() -> None:
+    slug, branch = repository_slug()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for path in series():
+        link = f"(https://colab.research.google.com/github/{slug}/blob/{branch}/notebooks/{path.name})"
+        assert link in readme, f"README.md should open {path.name} in Colab with {link}"
+
+
+def test_the_package_names_the_configured_repository() -> None:
+    assert CONFIG["repository"]["url"] == REPOSITORY
+
+
+def test_the_book_knows_where_it_is_published() -> None:
+    """html.baseurl is the GitHub Pages site of the repository, where .github/workflows/book.yml deploys."""
+    owner, name = repository_slug()[0].split("/")
+    assert CONFIG["html"]["baseurl"] == f"https://{owner}.github.io/{name}/"
+
+
+@pytest.mark.parametrize("path", PROSE, ids=lambda path: path.name)
+def test_every_link_to_the_published_book_is_html_baseurl(path: Path) -> None:
+    for site in re.findall(r"https://[\w.-]+\.github\.io/[\w.-]*/?", path.read_text(encoding="utf-8")):
+        assert site == CONFIG["html"]["baseurl"], f"{path.name} links to {site}, the book is at html.baseurl"
 
 
 @pytest.mark.parametrize("page", notebook_pages())

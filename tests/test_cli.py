@@ -326,7 +326,8 @@ def test_decoder_options_reach_the_run(monkeypatch, tmp_path, tiny_data_dir):
     options = ["--profile", "smoke", "--data-dir", str(tiny_data_dir), "--precision", "fp32", "--steps", "3"]
     assert main(["train-decoder", *options, "--gradient-checkpointing", "--model", "HuggingFaceTB/SmolLM2-360M"]) == 0
     assert main(["train-decoder", "--profile", "smoke", "--data-dir", str(tiny_data_dir)]) == 0
-    (settings, profile, output_dir, precision, checkpointing), default = runs
+    assert main(["train-decoder", *options, "--no-gradient-checkpointing"]) == 0
+    (settings, profile, output_dir, precision, checkpointing), default, unchecked = runs
     assert (profile.steps, profile.model_name, precision, checkpointing) == (
         3,
         "HuggingFaceTB/SmolLM2-360M",
@@ -335,6 +336,30 @@ def test_decoder_options_reach_the_run(monkeypatch, tmp_path, tiny_data_dir):
     )
     assert settings.data_dir == tiny_data_dir and output_dir == tmp_path / "runs" / "smoke" / "decoder"
     assert (default[1].steps, default[1].model_name, default[3]) == (4, "packaged:SmolLM2-135M-Instruct", "nf4-dq")
+    assert default[4] is None and unchecked[4] is False, "unset: the profile's choice; --no-...: off"
+
+
+def test_the_decoder_model_comes_from_the_environment_unless_model_is_given(monkeypatch, tmp_path, tiny_data_dir):
+    runs = []
+    monkeypatch.setattr(
+        "qlora_tutorial.decoder_pipeline.train_decoder",
+        lambda settings, profile, *args, **kwargs: (
+            runs.append(profile.model_name)
+            or {"method": "QLoRA (nf4-dq)", "train_steps": 1, "tokens_per_second": 1.0, "peak_memory_bytes": 1}
+        ),
+    )
+    monkeypatch.setenv("QLORA_DECODER_MODEL", "meta-llama/Llama-3.1-8B-Instruct")
+    options = ["train-decoder", "--profile", "smoke", "--data-dir", str(tiny_data_dir)]
+    assert main(options) == 0 and main([*options, "--model", "owner/other"]) == 0
+    assert runs == ["meta-llama/Llama-3.1-8B-Instruct", "owner/other"]
+
+
+def test_a_decoder_model_variable_that_cannot_load_is_one_error_line(monkeypatch, tmp_path, tiny_data_dir, capsys):
+    monkeypatch.setenv("QLORA_DECODER_MODEL", str(tmp_path / "no" / "model"))
+    assert main(["train-decoder", "--profile", "smoke", "--data-dir", str(tiny_data_dir)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: QLORA_DECODER_MODEL={tmp_path}/no/model is neither an existing folder")
+    assert captured.out == ""
 
 
 @pytest.mark.slow
@@ -346,4 +371,5 @@ def test_train_decoder_fine_tunes_a_tiny_llama(tiny_llama_dir, tiny_data_dir, tm
     assert results["method"] == "QLoRA (nf4-dq)" and results["train_steps"] == 2
     assert results["tokens_seen"] > 0 and results["tokens_per_second"] > 0
     assert (output / "adapter_config.json").is_file() and (output / "chat_template.jinja").is_file()
+    assert not list(output.glob("checkpoint-*")), "a finished run removes its checkpoints"
     assert f"QLoRA (nf4-dq): 2 steps, {results['tokens_per_second']:.0f} tokens/s" in capsys.readouterr().out

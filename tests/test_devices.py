@@ -22,6 +22,7 @@ from qlora_tutorial.settings import load_settings
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "qlora_tutorial"
 NOT_MODELS = {
     "AutoTokenizer": "a tokenizer holds no weights",
+    "AutoConfig": "a config holds no weights",
     "PeftModel": "loads an adapter into the base it wraps, whose parameters already sit on one device",
 }
 

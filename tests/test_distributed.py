@@ -8,6 +8,7 @@ each rank draws its own masks for its own slice of the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import textwrap
@@ -50,7 +51,6 @@ from qlora_tutorial.projection import (
     METHODS,
     SCALE_OUT_RANKS,
     SCALE_OUT_SHAPES,
-    GroupedQueryShape,
     per_rank_bytes,
     per_rank_table,
     project,
@@ -254,7 +254,7 @@ def test_llama2_70b_has_its_published_parameter_count():
 
 def test_grouped_query_shape_with_full_width_kv_is_the_plain_shape():
     plain = LLAMA_SHAPES["7B"]
-    same = GroupedQueryShape("7B", plain.hidden, plain.layers, plain.intermediate, kv_hidden=plain.hidden)
+    same = dataclasses.replace(plain, kv_heads=plain.heads)
     assert same.parameters == plain.parameters
     assert same.lora_parameters(16) == plain.lora_parameters(16)
 

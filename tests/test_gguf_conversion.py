@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from qlora_tutorial import gguf_conversion
@@ -38,6 +39,17 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 HIDDEN, MLP, LAYERS, HEADS, KV_HEADS = 32, 64, 2, 4, 2
+RMS_EPS, ROPE_BASE, CONTEXT = 1e-5, 10_000.0, 128
+LINEAR_NAMES = {  # the Hugging Face name of each linear layer of a block, and llama.cpp's
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+Q4_1 = gguf.GGMLQuantizationType.Q4_1
 
 
 def tiny_vocabulary() -> list[str]:
@@ -45,38 +57,78 @@ def tiny_vocabulary() -> list[str]:
     return [*CONTROL_TOKENS, *bytes_to_unicode().values(), *(merge.replace(" ", "") for merge in MERGES)]
 
 
-def linear_shapes() -> dict[str, tuple[int, int]]:
-    """(out, in) of each linear layer of one block, by its GGUF name."""
-    kv_width = HIDDEN // HEADS * KV_HEADS
-    return {
-        "attn_q": (HIDDEN, HIDDEN),
-        "attn_k": (kv_width, HIDDEN),
-        "attn_v": (kv_width, HIDDEN),
-        "attn_output": (HIDDEN, HIDDEN),
-        "ffn_gate": (MLP, HIDDEN),
-        "ffn_up": (MLP, HIDDEN),
-        "ffn_down": (HIDDEN, MLP),
-    }
+def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """The q/k row order llama.cpp's ``convert_hf_to_gguf.py`` writes (``LlamaModel.permute``), copied from it.
 
-
-def write_tiny_llama_gguf(path: Path) -> dict[str, np.ndarray]:
-    """A 2-layer, 32-wide random Llama as llama.cpp writes one: Q4_1 linear layers, tied embeddings, a chat tokenizer.
-
-    Returns the fp32 weights each Q4_1 tensor decodes to, by GGUF name.
+    Hugging Face's rotary embedding pairs dimension i with i + head_dim/2 in each
+    head; llama.cpp's pairs 2i with 2i + 1, so the converter interleaves the two
+    halves of every head's rows. A GGUF reader must undo it.
     """
-    rng = np.random.default_rng(0)
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def q4_1_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` quantized to Q4_1 by the `gguf` package and decoded again: the values a Q4_1 file holds."""
+    packed = gguf.quants.quantize(weight.numpy(), Q4_1)
+    return torch.from_numpy(gguf.quants.dequantize(packed, Q4_1)).reshape(weight.shape)
+
+
+def tiny_hf_llama() -> LlamaForCausalLM:
+    """A random 2-layer, 32-wide Llama (4 heads, 2 key-value heads) whose linear weights lie on the Q4_1 grid.
+
+    Random norms too, so a norm written to the wrong place would show.
+    """
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tiny_vocabulary()),
+        hidden_size=HIDDEN,
+        intermediate_size=MLP,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=CONTEXT,
+        rms_norm_eps=RMS_EPS,
+        rope_theta=ROPE_BASE,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for block in model.model.layers:
+            for name in LINEAR_NAMES:
+                weight = block.get_submodule(name).weight
+                weight.copy_(q4_1_round_trip(weight))
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                norm.weight.uniform_(0.5, 1.5)
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def write_gguf_like_llama_cpp(model: LlamaForCausalLM, path: Path) -> None:
+    """Write ``model`` as llama.cpp's converter does: q and k permuted, linear layers in Q4_1, a chat tokenizer.
+
+    Embeddings and norms stay fp32, so every difference after conversion comes
+    from the linear layers' layout.
+    """
     tokens = tiny_vocabulary()
+    state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
     writer = gguf.GGUFWriter(str(path), arch="llama")
     writer.add_name("tiny-llama")
     writer.add_block_count(LAYERS)
-    writer.add_context_length(128)
+    writer.add_context_length(CONTEXT)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(MLP)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_dimension_count(HIDDEN // HEADS)
-    writer.add_rope_freq_base(10_000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(ROPE_BASE)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
@@ -88,27 +140,33 @@ def write_tiny_llama_gguf(path: Path) -> dict[str, np.ndarray]:
     writer.add_pad_token_id(2)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHATML)
-    writer.add_tensor("token_embd.weight", rng.normal(0, 0.2, (len(tokens), HIDDEN)).astype(np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
-    decoded: dict[str, np.ndarray] = {}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     for layer in range(LAYERS):
-        writer.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(HIDDEN, dtype=np.float32))
-        writer.add_tensor(f"blk.{layer}.ffn_norm.weight", np.ones(HIDDEN, dtype=np.float32))
-        for name, shape in linear_shapes().items():
-            packed = gguf.quants.quantize(rng.normal(0, 0.2, shape).astype(np.float32), gguf.GGMLQuantizationType.Q4_1)
-            writer.add_tensor(f"blk.{layer}.{name}.weight", packed, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
-            decoded[f"blk.{layer}.{name}.weight"] = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q4_1)
+        prefix = f"model.layers.{layer}"
+        writer.add_tensor(f"blk.{layer}.attn_norm.weight", state[f"{prefix}.input_layernorm.weight"])
+        writer.add_tensor(f"blk.{layer}.ffn_norm.weight", state[f"{prefix}.post_attention_layernorm.weight"])
+        for hf_name, gguf_name in LINEAR_NAMES.items():
+            weight = state[f"{prefix}.{hf_name}.weight"]
+            if gguf_name == "attn_q":
+                weight = llama_cpp_permute(weight, HEADS, HEADS)
+            elif gguf_name == "attn_k":
+                weight = llama_cpp_permute(weight, HEADS, KV_HEADS)
+            packed = gguf.quants.quantize(np.ascontiguousarray(weight), Q4_1)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", packed, raw_dtype=Q4_1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return decoded
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
+    """The GGUF file and the Hugging Face model it was written from."""
+    model = tiny_hf_llama()
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.Q4_1.gguf"
-    return path, write_tiny_llama_gguf(path)
+    write_gguf_like_llama_cpp(model, path)
+    return path, model
 
 
 @pytest.fixture(scope="module")
@@ -190,16 +248,37 @@ def test_the_converted_folder_is_a_plain_checkpoint(tiny_gguf, converted_dir):
     assert [entry.name for entry in converted_dir.parent.iterdir()] == [converted_dir.name], "no .partial left"
 
 
-def test_the_converted_weights_are_the_dequantized_gguf_weights(tiny_gguf, converted_dir):
-    path, decoded = tiny_gguf
-    model = AutoModelForCausalLM.from_pretrained(converted_dir)
-    assert type(model) is LlamaForCausalLM and getattr(model.config, "quantization_config", None) is None
-    gguf_loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    expected = gguf_loaded.state_dict()
-    assert model.state_dict().keys() == expected.keys()
-    assert all(torch.equal(weight, expected[name]) for name, weight in model.state_dict().items())
-    down = model.model.layers[1].mlp.down_proj.weight  # not permuted for rotary embeddings, unlike q and k
-    assert torch.equal(down, torch.from_numpy(decoded["blk.1.ffn_down.weight"]))
+def test_q_and_k_are_permuted_in_the_file_and_every_weight_is_on_the_q4_1_grid(tiny_gguf):
+    path, model = tiny_gguf
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    block = model.model.layers[1]
+    for gguf_name, hf_weight in (("attn_q", block.self_attn.q_proj.weight), ("attn_k", block.self_attn.k_proj.weight)):
+        tensor = tensors[f"blk.1.{gguf_name}.weight"]
+        assert tensor.tensor_type == Q4_1
+        stored = torch.from_numpy(gguf.quants.dequantize(tensor.data, Q4_1)).reshape(hf_weight.shape)
+        assert not torch.equal(stored, hf_weight.detach()), "rows reordered for llama.cpp's rotary embedding"
+        assert torch.equal(stored.sort(dim=0).values, hf_weight.detach().sort(dim=0).values), "the same rows"
+    down = torch.from_numpy(gguf.quants.dequantize(tensors["blk.1.ffn_down.weight"].data, Q4_1))
+    assert torch.equal(down.reshape(HIDDEN, MLP), block.mlp.down_proj.weight.detach()), "on the grid, not permuted"
+
+
+def test_the_converted_model_computes_what_the_original_did(tiny_gguf, converted_dir):
+    """Logits of the converted GGUF against the Hugging Face model it was written from: q and k un-permuted right."""
+    _, original = tiny_gguf
+    converted = AutoModelForCausalLM.from_pretrained(converted_dir)
+    assert type(converted) is LlamaForCausalLM and getattr(converted.config, "quantization_config", None) is None
+    expected = original.state_dict()
+    assert converted.state_dict().keys() == expected.keys()
+    assert all(torch.equal(weight, expected[name]) for name, weight in converted.state_dict().items())
+    ids = torch.randint(
+        len(CONTROL_TOKENS), len(tiny_vocabulary()), (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+        skipped = copy.deepcopy(original)  # what a converter that forgot to un-permute q would compute
+        q_proj = skipped.model.layers[0].self_attn.q_proj.weight
+        q_proj.copy_(torch.from_numpy(llama_cpp_permute(q_proj.numpy(), HEADS, HEADS)))
+        assert (skipped(ids).logits - original(ids).logits).abs().max() > 1e-2, "so the comparison can fail"
 
 
 def test_the_converted_tokenizer_keeps_the_chat_template(converted_dir):
@@ -214,4 +293,4 @@ def test_the_converted_folder_loads_in_nf4(converted_dir, tiny_data_dir):
     settings = load_settings("smoke", data_dir=tiny_data_dir)
     model = load_decoder(settings, decoder_profile(settings, model_name=str(converted_dir)), "nf4-dq")
     four_bit = [name for name, layer in model.named_modules() if isinstance(layer, Linear4bit)]
-    assert len(four_bit) == LAYERS * len(linear_shapes())
+    assert len(four_bit) == LAYERS * len(LINEAR_NAMES)

@@ -1,6 +1,6 @@
 """The GPU check: ``make gpu-check`` on a CUDA machine, in at most 8 minutes, with no model hub.
 
-Three parts, one report (printed, and written as JSON with a Markdown twin):
+Four parts, one report (printed, and written as JSON with a Markdown twin):
 
 1. notebooks 02, 03, 04, 05 and 07 on the ``smoke`` profile under nbval, on
    CUDA, with the packaged MiniLM: pass or fail and seconds, one pytest
@@ -12,10 +12,16 @@ Three parts, one report (printed, and written as JSON with a Markdown twin):
    report adds; in fp16, and in bf16 where the GPU has it natively;
 3. the CUDA kernel's NF4 codes and absmax for a few tensors against the
    from-scratch ``qlora_tutorial.quantization`` of notebook 01, so "bit-exact"
-   can be said of the CUDA path too, or the difference is shown.
+   can be said of the CUDA path too, or the difference is shown;
+4. notebook 08's decoder recipe on a tiny random Llama with SmolLM2's
+   tokenizer: QLoRA training through ``train_decoder`` (gradient
+   checkpointing, paged AdamW, checkpoints), the shipped adapter reloaded onto
+   a fresh 4-bit base, scored and asked to generate, and the 16-bit merge,
+   saved and reloaded.
 
 Without CUDA it refuses in one line and exits 2. It exits 1 when a notebook
-fails; differences in part 3 are findings, reported, not failures.
+or the decoder run fails; differences in part 3 and the 16-bit merge's score
+differences in part 4 are findings, reported, not failures.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +52,7 @@ NOTEBOOKS = (
     "05_testing_and_inference.ipynb",
     "07_scaling_out.ipynb",
 )
-PARTS = ("notebooks", "training", "nf4")
+PARTS = ("notebooks", "training", "nf4", "decoder")
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "gpu_check.json"
 DATA_CANDIDATES = (ROOT.parent / "shared" / "data" / "ag_news", ROOT / "shared" / "data" / "ag_news")
 NF4_SHAPES = ((768, 768), (3072, 768), (7, 9))  # bert-base's attention and feed-forward, and an odd size
@@ -69,12 +76,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, help="AG News folder (default: $QLORA_DATA_DIR, else ../shared)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per configuration")
+    parser.add_argument("--decoder-steps", type=int, default=6, help="training steps of the tiny decoder")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps before them")
     parser.add_argument("--notebook-timeout", type=int, default=150, help="seconds allowed per notebook")
     parser.add_argument("--budget", type=int, default=BUDGET_SECONDS, help="seconds for the whole check")
     arguments = parser.parse_args(argv)
-    if min(arguments.steps, arguments.notebook_timeout, arguments.budget) < 1 or arguments.warmup < 0:
-        parser.error("--steps, --notebook-timeout and --budget must be at least 1, --warmup at least 0")
+    numbers = (arguments.steps, arguments.decoder_steps, arguments.notebook_timeout, arguments.budget)
+    if min(numbers) < 1 or arguments.warmup < 0:
+        parser.error(
+            "--steps, --decoder-steps, --notebook-timeout and --budget must be at least 1, --warmup at least 0"
+        )
     return arguments
 
 
@@ -108,7 +119,8 @@ def notebook_command(notebook: str) -> list[str]:
 
 def notebook_environment(data_dir: Path, runs_dir: Path) -> dict[str, str]:
     """The smoke profile on the packaged MiniLM, the offline data, and one runs folder shared by the notebooks."""
-    environment = {key: value for key, value in os.environ.items() if key != "QLORA_MODEL"}
+    overrides = ("QLORA_MODEL", "QLORA_DECODER_MODEL")
+    environment = {key: value for key, value in os.environ.items() if key not in overrides}
     smoke = {"QLORA_PROFILE": "smoke", "QLORA_DATA_DIR": str(data_dir), "QLORA_RUNS_DIR": str(runs_dir)}
     return {**environment, **smoke, "HF_HUB_OFFLINE": "1"}
 
@@ -323,6 +335,144 @@ def run_nf4() -> list[dict[str, Any]]:
     return rows
 
 
+# --- part 4: notebook 08's decoder recipe, on a tiny random Llama --------------------------------------------------
+
+PRECISION_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+RELOAD_TOLERANCE = 1e-3  # the reloaded merge holds the same weights: only kernel-level differences are allowed
+
+
+def save_tiny_decoder(folder: Path) -> Path:
+    """A randomly initialised 2-layer, 64-wide Llama with SmolLM2's tokenizer and chat template, saved as safetensors.
+
+    The tokenizer is read from the packaged GGUF file, so no hub is needed.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qlora_tutorial.sources import packaged_smollm2_gguf
+
+    gguf_path = packaged_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,  # wide weights, so the scores differ from topic to topic
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_decoder(data_dir: Path, steps: int) -> dict[str, Any]:
+    """Notebook 08's recipe on the `gpu` profile, with a tiny decoder: train, reload the adapter, merge in 16 bit.
+
+    ``train_decoder`` trains QLoRA as ``python -m qlora_tutorial train-decoder``
+    does (the profile's gradient checkpointing, paged AdamW, a checkpoint
+    halfway); the shipped adapter is reloaded onto a fresh 4-bit base, which
+    scores the test rows and generates; the merge into the dequantized base in
+    the compute dtype is scored too, saved, and reloaded in that dtype.
+    Without CUDA the same runs on the CPU, in fp32 (the tests do).
+    """
+    from qlora_tutorial.chat import prompts
+    from qlora_tutorial.decoder import generate_answers, load_decoder, score_topics
+    from qlora_tutorial.decoder_pipeline import checkpoints, decoder_splits, train_decoder
+    from qlora_tutorial.decoder_profile import decoder_profile
+    from qlora_tutorial.decoder_shipping import load_shipped_adapter, merge_decoder, merge_rounding
+    from qlora_tutorial.inference import save_merged
+    from qlora_tutorial.settings import load_settings
+
+    settings = load_settings("gpu", data_dir=data_dir)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-decoder-") as folder:
+        profile = decoder_profile(
+            settings,
+            model_name=str(save_tiny_decoder(Path(folder) / "model")),
+            train_rows=64,
+            steps=steps,
+            batch_size=8,
+            warmup_steps=1,
+            save_steps=max(1, steps // 2),
+            eval_rows=16,
+            max_text_tokens=64,
+        )
+        adapter_dir, merged_dir = Path(folder) / "adapter", Path(folder) / "merged"
+        results = train_decoder(settings, profile, adapter_dir)
+        model, tokenizer = load_shipped_adapter(settings, profile, adapter_dir)
+        asked = prompts(tokenizer, decoder_splits(settings, profile)["test"]["text"], profile.max_text_tokens)
+        scores = {"adapter": score_topics(model, tokenizer, asked)}
+        answers = generate_answers(model, tokenizer, asked[:2], max_new_tokens=4)
+        rounding = merge_rounding(model, settings.compute_dtype)
+        del model
+        merged = merge_decoder(settings, profile, adapter_dir)
+        merged_dtypes = sorted({str(parameter.dtype).removeprefix("torch.") for parameter in merged.parameters()})
+        scores["merged"] = score_topics(merged, tokenizer, asked)
+        save_merged(merged, tokenizer, merged_dir)
+        del merged
+        precision = PRECISION_OF_DTYPE[settings.compute_dtype]
+        reloaded = load_decoder(settings, decoder_profile(settings, model_name=str(merged_dir)), precision)
+        scores["reloaded"] = score_topics(reloaded, tokenizer, asked)
+        left = len(checkpoints(adapter_dir))
+    merge_dtype = str(settings.compute_dtype).removeprefix("torch.")
+    return decoder_row(results, scores, answers, rounding.relative_error, merge_dtype, merged_dtypes, left, steps)
+
+
+def decoder_row(
+    results: dict[str, Any],
+    scores: dict[str, np.ndarray],
+    answers: list[str],
+    rounding_error: float,
+    merge_dtype: str,
+    merged_dtypes: list[str],
+    checkpoints_left: int,
+    steps: int,
+) -> dict[str, Any]:
+    """The decoder run's report; ``scores``: the reloaded adapter's, the merge's and the reloaded merge's.
+
+    It passed when every step trained, the finished run left no checkpoint,
+    the merge is wholly in the compute dtype, its reload scores as it did, and
+    the reloaded adapter generated. How far the 16-bit merge moved the scores
+    is a finding.
+    """
+    adapter, merged, reloaded = scores["adapter"], scores["merged"], scores["reloaded"]
+    reload_difference = float(np.abs(reloaded - merged).max())
+    passed = (
+        results["train_steps"] == steps
+        and checkpoints_left == 0
+        and merged_dtypes == [merge_dtype]
+        and reload_difference <= RELOAD_TOLERANCE
+        and len(answers) > 0
+    )
+    return {
+        "train_steps": results["train_steps"],
+        "gradient_checkpointing": results["gradient_checkpointing"],
+        "train_seconds": round(results["train_seconds"], 2),
+        "peak_bytes": results["peak_memory_bytes"],
+        "checkpoints_left": checkpoints_left,
+        "merge_dtype": merge_dtype,
+        "merged_parameter_dtypes": merged_dtypes,
+        "merge_rounding_relative_error": round(rounding_error, 4),
+        "merged_vs_adapter_max_score_difference": round(float(np.abs(merged - adapter).max()), 4),
+        "merged_vs_adapter_same_answers": int((merged.argmax(1) == adapter.argmax(1)).sum()),
+        "rows": len(adapter),
+        "reloaded_merge_max_score_difference": reload_difference,
+        "generated": answers,
+        "passed": bool(passed),
+    }
+
+
+def failed_decoder_row(error: Exception) -> dict[str, Any]:
+    """The decoder run's report when it raised: the error's type and message, cut to the tail's length."""
+    return {"passed": False, "error": f"{type(error).__name__}: {error}"[-TAIL_CHARS:]}
+
+
 # --- the report -----------------------------------------------------------------------------------------------------
 
 
@@ -348,6 +498,8 @@ def verdict(report: dict[str, Any]) -> str:
         failed = [row["notebook"] for row in notebooks if not row["passed"]]
         named = f" (failed: {', '.join(failed)})" if failed else ""
         parts.append(f"notebooks: {len(notebooks) - len(failed)} of {len(notebooks)} passed{named}")
+    if "decoder" in report:
+        parts.append("decoder recipe: " + ("passed" if report["decoder"]["passed"] else "FAILED"))
     nf4 = report.get("nf4", [])
     if nf4:
         exact = all(row["bit_exact"] for row in nf4)
@@ -391,6 +543,10 @@ def markdown(report: dict[str, Any]) -> str:
             for r in report["training"]
         ]
         lines += [f"\n{note}" for note in report.get("notes", [])]
+    if "decoder" in report:
+        lines += ["", "## Decoder recipe: tiny random Llama, QLoRA, adapter reloaded onto 4 bit, 16-bit merge", ""]
+        lines += ["| measure | value |", "| --- | --- |"]
+        lines += [f"| {key} | {value} |" for key, value in report["decoder"].items()]
     if "nf4" in report:
         lines += ["", "## NF4 on CUDA against notebook 01's from-scratch code (block size 64)", ""]
         lines += ["| shape | input | codes differing | absmax equal | max abs absmax difference | bit-exact |"]
@@ -414,14 +570,16 @@ def write_report(report: dict[str, Any], output: Path) -> tuple[Path, Path]:
 
 
 def exit_status(report: dict[str, Any]) -> int:
-    """1 when a notebook failed, else 0."""
-    return 0 if all(row["passed"] for row in report.get("notebooks", [])) else 1
+    """1 when a notebook or the decoder run failed, else 0."""
+    rows = [*report.get("notebooks", []), *([report["decoder"]] if "decoder" in report else [])]
+    return 0 if all(row["passed"] for row in rows) else 1
 
 
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen parts on this GPU and return the report."""
     require_cuda()
-    data_dir = find_data_dir(arguments.data_dir) if "notebooks" in arguments.parts else None
+    needs_data = {"notebooks", "decoder"} & set(arguments.parts)
+    data_dir = find_data_dir(arguments.data_dir) if needs_data else None
     started = perf_counter()
     report: dict[str, Any] = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -437,7 +595,14 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
 
         if not has_native_bf16():
             report["notes"] = ["bf16 not measured: " + report["device"]["compute_dtype"]]
-    if data_dir is not None:
+    if "decoder" in arguments.parts:
+        print("notebook 08's decoder recipe, tiny random Llama ...", flush=True)
+        try:
+            report["decoder"] = run_decoder(data_dir, arguments.decoder_steps)
+        except Exception as error:  # reported with the rest, so the notebooks still run
+            report["decoder"] = failed_decoder_row(error)
+        print(f"  {verdict({'decoder': report['decoder']})}")
+    if "notebooks" in arguments.parts:
         print("notebooks on the smoke profile under nbval ...", flush=True)
         report["notebooks"] = run_notebooks(data_dir, arguments.notebook_timeout, started + arguments.budget)
     report["seconds"] = round(perf_counter() - started, 1)

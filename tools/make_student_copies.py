@@ -17,13 +17,15 @@ import sys
 from pathlib import Path
 
 import nbformat
+import yaml
 from notebook_io import ROOT, clean, series
 
 STUDENT_DIR = ROOT / "workshop" / "student"
 SOLUTION_TAG = "solution"
 EXERCISE_HEADING = re.compile(r"^###\s+Exercise\s+(\d+)\b", re.MULTILINE)
-NOTEBOOK_PATH = "/blob/main/notebooks/"
-STUDENT_PATH = "/blob/main/workshop/student/"
+BRANCH = yaml.safe_load((ROOT / "book" / "_config.yml").read_text(encoding="utf-8"))["repository"]["branch"]
+NOTEBOOK_PATH = f"/blob/{BRANCH}/notebooks/"
+STUDENT_PATH = f"/blob/{BRANCH}/workshop/student/"
 
 
 def placeholder(exercise: int) -> str:

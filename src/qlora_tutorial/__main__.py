@@ -26,7 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qlora_tutorial.decoder_profile import DECODER_MODEL_ENV
 from qlora_tutorial.errors import UserInputError
+from qlora_tutorial.memory_cli import MEMORY_COMMANDS, add_memory_parsers, run_memory_command
 from qlora_tutorial.modeling import (
     QLORA_PRECISION,
     REFERENCE_TARGETS,
@@ -162,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pad-to-max-length", action="store_true", help="pad every row to max length (the reference recipe)"
     )
     add_decoder_parser(commands)
+    add_memory_parsers(commands)
     return parser
 
 
@@ -176,11 +179,19 @@ def add_decoder_parser(commands: argparse._SubParsersAction) -> None:
         default=QLORA_PRECISION.value,
         help=f"base weights: fp32 for LoRA, {QLORA_PRECISION.value} for QLoRA (default: {QLORA_PRECISION.value})",
     )
-    decoder.add_argument("--model", help="a decoder folder or Hub id (default: the profile's SmolLM2)")
+    decoder.add_argument(
+        "--model",
+        help=f"a decoder folder or Hub id, e.g. meta-llama/Llama-3.1-8B-Instruct (gated: set HF_TOKEN) "
+        f"(default: ${DECODER_MODEL_ENV}, else the profile's SmolLM2)",
+    )
     decoder.add_argument("--revision", help="the Hub revision of the decoder")
     decoder.add_argument("--data-dir", help="folder with train/test parquet files (default: $QLORA_DATA_DIR, else Hub)")
     decoder.add_argument("--steps", type=positive_int, help="optimizer steps (default: the profile's)")
-    decoder.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    decoder.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute activations in the backward pass (default: the profile's, on for gpu)",
+    )
     decoder.add_argument("--output-dir", help="where the adapter and results.json go (default: runs/<profile>/decoder)")
 
 
@@ -224,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     if arguments.command == "train-decoder":
         return train_decoder_command(arguments)
+    if arguments.command in MEMORY_COMMANDS:
+        return run_memory_command(arguments)
     from qlora_tutorial.comparison import QLORA, Method
     from qlora_tutorial.distributed import is_first_rank
     from qlora_tutorial.pipeline import format_summary, train_and_evaluate
@@ -284,7 +297,7 @@ def train_decoder_command(arguments: argparse.Namespace) -> int:
         results = train_decoder(
             settings, profile, output_dir, precision, gradient_checkpointing=arguments.gradient_checkpointing
         )
-    except UserInputError as error:  # a data file the checks refuse, a missing decoder package
+    except UserInputError as error:  # a data file the checks refuse, a missing decoder package, a gated model
         return fail(error)
     print(
         f"\n{results['method']}: {results['train_steps']} steps, {results['tokens_per_second']:.0f} tokens/s, "

@@ -6,24 +6,38 @@ for the classifier, and reuses this module for what it runs more than once:
 starts that command in fresh processes (``decoder_train_command``) to compare
 LoRA with QLoRA, and gradient checkpointing on with off, each from the same
 memory baseline on the same batches.
+
+A run saves a checkpoint every ``save_steps`` steps into its output folder;
+started again after an interruption (a Colab runtime that disconnected), it
+resumes from the last one (``train_resuming``). The checkpoints are removed
+once the run finishes: the adapter saved beside them is the result.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
-from transformers.trainer_utils import TrainOutput
+from transformers import (
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
 from qlora_tutorial.chat import instruction_collator, tokenize_instructions
 from qlora_tutorial.data import load_splits, stratified_indices
-from qlora_tutorial.decoder import decoder_lora_config, load_decoder, load_decoder_tokenizer
+from qlora_tutorial.decoder import attach_decoder_lora, load_decoder, load_decoder_tokenizer
 from qlora_tutorial.decoder_profile import DecoderProfile
-from qlora_tutorial.modeling import QLORA_PRECISION, Precision, attach_lora, parse_precision
+from qlora_tutorial.decoder_shipping import save_adapter
+from qlora_tutorial.modeling import QLORA_PRECISION, Precision, parse_precision
 from qlora_tutorial.settings import Settings
 from qlora_tutorial.timing import after_warmup
 from qlora_tutorial.training import RunRecord, save_results, training_arguments
@@ -49,7 +63,9 @@ def decoder_training_arguments(
 
     No evaluation during training: the model is scored after it, on the test
     rows. ``include_num_input_tokens_seen`` counts the real (unpadded) tokens
-    trained on, for the tokens-per-second figure.
+    trained on, for the tokens-per-second figure. Gradient checkpointing is the
+    profile's (on for `gpu`), and a checkpoint (adapter, optimizer and
+    scheduler state) is saved every ``save_steps`` steps, only the last kept.
     """
     arguments: dict[str, Any] = {
         "max_steps": profile.steps,
@@ -59,7 +75,11 @@ def decoder_training_arguments(
         "eval_strategy": "no",
         "logging_steps": max(1, profile.steps // 10),
         "include_num_input_tokens_seen": "non_padding",
+        "activation_checkpointing": profile.gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "save_strategy": "steps",
+        "save_steps": profile.save_steps,
+        "save_total_limit": 1,
     }
     return training_arguments(settings, output_dir, **{**arguments, **overrides})
 
@@ -75,6 +95,45 @@ def decoder_trainer(
         data_collator=instruction_collator(tokenizer),
         processing_class=tokenizer,
     )
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The ``Trainer``'s checkpoint folders (``checkpoint-<step>``) in ``output_dir``, none if it does not exist."""
+    folder = Path(output_dir)
+    return sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if folder.is_dir() else []
+
+
+class NoFinalCheckpoint(TrainerCallback):
+    """Skip the checkpoint the ``Trainer`` saves at the last step: the adapter is saved right after, and ships.
+
+    For a 7-8B model that checkpoint is hundreds of MB of optimizer state,
+    written only to be removed; in notebook 08's short memory runs it would
+    also be the only checkpoint, and its writing part of the measured run.
+    """
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Cancel the save the default flow asked for, at the last step only."""
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+
+def train_resuming(trainer: Trainer) -> TrainOutput:
+    """``trainer.train()``, resumed from the last checkpoint in its output folder if one is there.
+
+    A checkpoint is left only by a run that did not finish, because a finished
+    run removes its checkpoints here; so a run that was cut off continues where
+    its last checkpoint was saved (the adapter, the optimizer's state, the
+    learning-rate schedule and the data order), and any other run starts fresh.
+    """
+    output_dir = trainer.args.output_dir
+    last = get_last_checkpoint(output_dir) if checkpoints(output_dir) else None
+    if last is not None:
+        print(f"resuming from {Path(last).name} (a run in {output_dir} was interrupted)", flush=True)
+    trainer.add_callback(NoFinalCheckpoint)
+    output = trainer.train(resume_from_checkpoint=last)
+    for folder in checkpoints(output_dir):
+        shutil.rmtree(folder)
+    return output
 
 
 def decoder_results(
@@ -107,28 +166,30 @@ def train_decoder(
     output_dir: str | Path,
     precision: Precision | str = QLORA_PRECISION,
     *,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the decoder with LoRA on every linear layer, save the adapter and ``results.json``; return the results.
 
     The same steps as notebook 08's cells. ``precision`` fp32 gives LoRA on a
-    full-precision base, nf4-dq gives QLoRA.
+    full-precision base, nf4-dq gives QLoRA. ``gradient_checkpointing``
+    ``None`` keeps the profile's. An interrupted run resumes (``train_resuming``).
     """
     precision = parse_precision(precision)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = profile.gradient_checkpointing
     record = RunRecord(settings)
     tokenizer = load_decoder_tokenizer(settings, profile)
     train = tokenize_instructions(decoder_splits(settings, profile)["train"], tokenizer, profile.max_text_tokens)
     model = load_decoder(settings, profile, precision)
     record.measure_weights(model)
-    model = attach_lora(model, decoder_lora_config(profile))
+    model = attach_decoder_lora(model, settings, profile)
     arguments = decoder_training_arguments(
         settings, profile, output_dir, activation_checkpointing=gradient_checkpointing
     )
     trainer = decoder_trainer(model, arguments, train, tokenizer)
     trainer.add_callback(record)
-    train_output = trainer.train()
-    trainer.model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    train_output = train_resuming(trainer)
+    save_adapter(trainer.model, tokenizer, output_dir)
     results = decoder_results(
         record,
         trainer,
@@ -147,13 +208,16 @@ def decoder_train_command(
     precision: Precision | str = QLORA_PRECISION,
     *,
     steps: int | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
 ) -> list[str]:
     """The ``python -m qlora_tutorial train-decoder`` command that repeats a run in a fresh process.
 
-    It names the profile, the data folder, the decoder and the step budget,
-    so the new process trains what this one would, whatever its environment says.
+    It names the profile, the data folder, the decoder, the step budget and
+    gradient checkpointing (``None``: the profile's), so the new process
+    trains what this one would, whatever its environment says.
     """
+    if gradient_checkpointing is None:
+        gradient_checkpointing = profile.gradient_checkpointing
     command = [sys.executable, "-m", "qlora_tutorial", "train-decoder", "--profile", settings.profile.name]
     command += ["--model", profile.model_name, "--precision", parse_precision(precision).value]
     if profile.model_revision is not None:
@@ -161,4 +225,4 @@ def decoder_train_command(
     if settings.data_dir is not None:
         command += ["--data-dir", str(settings.data_dir)]
     command += ["--steps", str(steps or profile.steps), "--output-dir", str(output_dir)]
-    return command + (["--gradient-checkpointing"] if gradient_checkpointing else [])
+    return [*command, "--gradient-checkpointing" if gradient_checkpointing else "--no-gradient-checkpointing"]

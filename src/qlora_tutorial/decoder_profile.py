@@ -6,14 +6,24 @@ packaged SmolLM2-135M-Instruct (``sources.PACKAGED_SMOLLM2``); the `gpu`
 profile a larger SmolLM2 from the Hub, which a T4 holds in NF4 with room to
 spare. The `cpu` budget was chosen from the measurements notebook 08 shows:
 a step of 8 rows takes seconds on 2 cores, and scoring a row a fraction of one.
+
+``QLORA_DECODER_MODEL`` names another decoder (a Hub id such as
+``meta-llama/Llama-3.1-8B-Instruct``, or a folder) on any profile, as
+``QLORA_MODEL`` does for the classifier; ``--model`` of ``train-decoder``
+wins over it. The `gpu` profile's recipe (NF4, gradient checkpointing,
+checkpoints every ``save_steps`` steps) is the one that carries a 7-8B
+decoder on a T4.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from qlora_tutorial.settings import Settings
-from qlora_tutorial.sources import HUB_DECODER, PACKAGED_SMOLLM2
+from qlora_tutorial.sources import HUB_DECODER, PACKAGED_SMOLLM2, check_model_name
+
+DECODER_MODEL_ENV = "QLORA_DECODER_MODEL"
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,11 @@ class DecoderProfile:
     after training. ``memory_steps`` is the length of each fresh-process run
     that compares LoRA, QLoRA and gradient checkpointing. ``max_text_tokens``
     cuts every article, in training and scoring alike.
+    ``gradient_checkpointing`` recomputes each block's activations in the
+    backward pass instead of keeping them: on for the `gpu` profile, where a
+    7-8B model's activations would not fit beside it, off on the CPU profiles,
+    where a 135M model's are small. ``save_steps``: the ``Trainer`` saves a
+    checkpoint every so many steps, from which an interrupted run resumes.
     """
 
     model_name: str
@@ -42,6 +57,8 @@ class DecoderProfile:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     generated_examples: int = 4
+    gradient_checkpointing: bool = False
+    save_steps: int = 20
 
 
 DECODER_PROFILES: dict[str, DecoderProfile] = {
@@ -57,6 +74,7 @@ DECODER_PROFILES: dict[str, DecoderProfile] = {
         max_text_tokens=32,
         warmup_steps=1,
         generated_examples=2,
+        save_steps=2,
     ),
     "cpu": DecoderProfile(
         model_name=PACKAGED_SMOLLM2,
@@ -81,10 +99,20 @@ DECODER_PROFILES: dict[str, DecoderProfile] = {
         max_text_tokens=128,
         eval_batch_size=64,
         warmup_steps=25,
+        gradient_checkpointing=True,
+        save_steps=100,
     ),
 }
 
 
 def decoder_profile(settings: Settings, **changes: object) -> DecoderProfile:
-    """The decoder profile of the settings' profile, with single fields changed (e.g. ``steps=8``)."""
+    """The decoder profile of the settings' profile, with single fields changed (e.g. ``steps=8``).
+
+    Unless ``changes`` names the model, ``QLORA_DECODER_MODEL`` (if set) replaces
+    the profile's decoder, without a revision; a name that cannot load is refused here.
+    """
+    override = os.environ.get(DECODER_MODEL_ENV)
+    if override and "model_name" not in changes:
+        check_model_name(override, DECODER_MODEL_ENV)
+        changes = {"model_name": override, "model_revision": None, **changes}
     return replace(DECODER_PROFILES[settings.profile.name], **changes)

@@ -184,13 +184,15 @@ trained model's arithmetic on both devices.
 """
 
 
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """The adapter folder, or a clear error when it holds no saved adapter."""
+TRAIN_CLASSIFIER_HINT = "qlora_tutorial.pipeline.train_and_evaluate(settings, folder), or run notebook 04"
+
+
+def check_adapter_dir(adapter_dir: str | Path, how_to_train: str = TRAIN_CLASSIFIER_HINT) -> Path:
+    """The adapter folder, or a clear error, saying how to train one, when it holds no saved adapter."""
     folder = Path(adapter_dir)
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(
-            f"No adapter in {folder} (adapter_config.json is missing). Train one first: "
-            "qlora_tutorial.pipeline.train_and_evaluate(settings, folder), or run notebook 04."
+            f"No adapter in {folder} (adapter_config.json is missing). Train one first: {how_to_train}."
         )
     return folder
 
@@ -233,7 +235,8 @@ def dequantized_base(settings: Settings) -> PreTrainedModel:
 def copy_dequantized_weights(quantized: torch.nn.Module, base: PreTrainedModel) -> PreTrainedModel:
     """Overwrite each of ``base``'s linear weights with the dequantized weight of the same 4-bit layer in ``quantized``.
 
-    Used for the classifier here and for the decoder of notebook 08; both models must have the same layer names.
+    Both models must have the same layer names. (Notebook 08's decoder dequantizes in place instead:
+    ``decoder_shipping.without_quantization``.)
     """
     for name, layer in quantized.named_modules():
         if isinstance(layer, bnb.nn.Linear4bit):

@@ -38,13 +38,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora_tutorial.errors import UserInputError
+from qlora_tutorial.shapes import PAPER_RANK, DecoderShape
 
 GB = 10**9  # decimal gigabytes, as the QLoRA paper states its figures
 GIB = 2**30  # binary gigabytes, as a GPU's memory is built and reported
 NF4_CODE_BITS = 4  # the 4-bit code of each weight: a parameter, which FSDP shards
 QUANT_STATE_BITS = 8 / 64 + 32 / (64 * 256)  # 8-bit absmax per 64, fp32 second-level absmax per 256: not a parameter
 NF4_DQ_BITS = NF4_CODE_BITS + QUANT_STATE_BITS
-PAPER_RANK = 64
 PAPER_65B_QLORA_BOUND_GB = 48  # the paper: 65B fine-tuned on one 48 GB GPU
 PAPER_65B_FULL_16BIT_GB = 780  # the paper: "more than 780 GB" for 16-bit full fine-tuning of 65B
 METHODS = ("16-bit full fine-tuning", "16-bit LoRA", "QLoRA (NF4 + DQ)")
@@ -99,53 +99,25 @@ ASSUMPTION_VARIANTS: tuple[ByteAssumption, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """A LLaMA-style decoder: attention (q, k, v, o) and a gated MLP (gate, up, down) per layer."""
-
-    name: str
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int = 32_000
-
-    @property
-    def linear_parameters(self) -> int:
-        """Weights of the blocks' linear layers, the ones QLoRA quantizes and LoRA adapts."""
-        return self.layers * (4 * self.hidden**2 + 3 * self.hidden * self.intermediate)
-
-    @property
-    def other_parameters(self) -> int:
-        """Input embeddings, the untied LM head, and the RMSNorm weights (two per layer plus a final one)."""
-        return 2 * self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
-
-    @property
-    def parameters(self) -> int:
-        """All parameters."""
-        return self.linear_parameters + self.other_parameters
-
-    def lora_parameters(self, rank: int = PAPER_RANK) -> int:
-        """LoRA A and B matrices on all seven linear layers of every block: r * (fan_in + fan_out) each."""
-        if rank <= 0:
-            raise UserInputError(f"The LoRA rank must be positive, got {rank}. The QLoRA paper uses r={PAPER_RANK}.")
-        per_layer = 4 * rank * 2 * self.hidden + 3 * rank * (self.hidden + self.intermediate)
-        return self.layers * per_layer
+# The LLaMA sizes below are ``shapes.DecoderShape``s, the one shape type of the series; ``ModelShape`` is the name
+# notebooks 06 and 07 build their own with, e.g. ``ModelShape("3B", hidden=3200, layers=26, intermediate=8640)``.
+ModelShape = DecoderShape
 
 
 # Published configurations: Sheared-LLaMA-1.3B (princeton-nlp), LLaMA 7B/13B/33B/65B (Touvron et al. 2023).
-LLAMA_SHAPES: dict[str, ModelShape] = {
+LLAMA_SHAPES: dict[str, DecoderShape] = {
     shape.name: shape
     for shape in (
-        ModelShape("1.3B", hidden=2048, layers=24, intermediate=5504),
-        ModelShape("7B", hidden=4096, layers=32, intermediate=11008),
-        ModelShape("13B", hidden=5120, layers=40, intermediate=13824),
-        ModelShape("33B", hidden=6656, layers=60, intermediate=17920),
-        ModelShape("65B", hidden=8192, layers=80, intermediate=22016),
+        DecoderShape("1.3B", hidden=2048, layers=24, intermediate=5504, heads=16),
+        DecoderShape("7B", hidden=4096, layers=32, intermediate=11008, heads=32),
+        DecoderShape("13B", hidden=5120, layers=40, intermediate=13824, heads=40),
+        DecoderShape("33B", hidden=6656, layers=60, intermediate=17920, heads=52),
+        DecoderShape("65B", hidden=8192, layers=80, intermediate=22016, heads=64),
     )
 }
 
 
-def get_shape(name: str) -> ModelShape:
+def get_shape(name: str) -> DecoderShape:
     """Look a model size up by name, with a message listing the known ones."""
     try:
         return LLAMA_SHAPES[name]
@@ -180,7 +152,7 @@ def training_bytes(method: str, linear: int, other: int, lora: int, assumption: 
     return chosen.bytes_for(linear, other, lora)
 
 
-def assumption_table(shape: ModelShape | str, rank: int = PAPER_RANK) -> str:
+def assumption_table(shape: DecoderShape | str, rank: int = PAPER_RANK) -> str:
     """A Markdown table: each byte assumption of ``ASSUMPTION_VARIANTS`` and what it gives for ``shape``."""
     if isinstance(shape, str):
         shape = get_shape(shape)
@@ -224,8 +196,8 @@ class Projection:
         return self.gib <= GPU_MEMORY_GIB[gpu]
 
 
-def project(shape: ModelShape | str, method: str, rank: int = PAPER_RANK) -> Projection:
-    """The training memory of ``method`` on ``shape`` (a ``ModelShape`` or a size name like ``"65B"``)."""
+def project(shape: DecoderShape | str, method: str, rank: int = PAPER_RANK) -> Projection:
+    """The training memory of ``method`` on ``shape`` (a ``DecoderShape`` or a size name like ``"65B"``)."""
     if isinstance(shape, str):
         shape = get_shape(shape)
     total = training_bytes(method, shape.linear_parameters, shape.other_parameters, shape.lora_parameters(rank))
@@ -271,33 +243,12 @@ GATHERED_BLOCKS = 2
 GATHERED_BYTES = 2  # a gathered 16-bit weight (the frozen base of LoRA, LoRA's own weights, the root unit)
 
 
-@dataclass(frozen=True)
-class GroupedQueryShape(ModelShape):
-    """A LLaMA-2-style decoder whose k and v projections are ``kv_hidden`` wide (grouped-query attention)."""
-
-    kv_hidden: int = 0
-
-    @property
-    def linear_parameters(self) -> int:
-        """Weights of the linear layers: q and o hidden x hidden, k and v hidden x kv_hidden, the gated MLP."""
-        h = self.hidden
-        return self.layers * (2 * h * h + 2 * h * self.kv_hidden + 3 * h * self.intermediate)
-
-    def lora_parameters(self, rank: int = PAPER_RANK) -> int:
-        """LoRA A and B on all seven linear layers of every block: r * (fan_in + fan_out) each."""
-        if rank <= 0:
-            raise UserInputError(f"The LoRA rank must be positive, got {rank}. The QLoRA paper uses r={PAPER_RANK}.")
-        h = self.hidden
-        per_layer = 2 * rank * 2 * h + 2 * rank * (h + self.kv_hidden) + 3 * rank * (h + self.intermediate)
-        return self.layers * per_layer
-
-
 # Llama 2 70B (Touvron et al. 2023, "Llama 2"): 64 query heads and 8 key/value heads of 128, 68.98B parameters.
-LLAMA2_70B = GroupedQueryShape("70B", hidden=8192, layers=80, intermediate=28672, kv_hidden=1024)
-SCALE_OUT_SHAPES: dict[str, ModelShape] = {"7B": LLAMA_SHAPES["7B"], "13B": LLAMA_SHAPES["13B"], "70B": LLAMA2_70B}
+LLAMA2_70B = DecoderShape("70B", hidden=8192, layers=80, intermediate=28672, heads=64, kv_heads=8)
+SCALE_OUT_SHAPES: dict[str, DecoderShape] = {"7B": LLAMA_SHAPES["7B"], "13B": LLAMA_SHAPES["13B"], "70B": LLAMA2_70B}
 
 
-def gathered_block_bytes(shape: ModelShape, method: str, rank: int = PAPER_RANK) -> float:
+def gathered_block_bytes(shape: DecoderShape, method: str, rank: int = PAPER_RANK) -> float:
     """One transformer block's weights as FSDP gathers them: QLoRA's linear layers as 4-bit codes, 16 bits the rest.
 
     The gathered codes come without their quantization state, which every rank holds already.
@@ -309,13 +260,13 @@ def gathered_block_bytes(shape: ModelShape, method: str, rank: int = PAPER_RANK)
     return base * linear + GATHERED_BYTES * lora
 
 
-def gradient_bucket_bytes(shape: ModelShape, method: str, rank: int = PAPER_RANK) -> float:
+def gradient_bucket_bytes(shape: DecoderShape, method: str, rank: int = PAPER_RANK) -> float:
     """DDP's gradient buckets: one 16-bit copy of every trained parameter's gradient."""
     trained = shape.parameters if method == METHODS[0] else shape.lora_parameters(rank)
     return GATHERED_BYTES * trained
 
 
-def quant_state_bytes(shape: ModelShape, method: str) -> float:
+def quant_state_bytes(shape: DecoderShape, method: str) -> float:
     """QLoRA's quantization state (absmax, second-level absmax): on every rank whole, FSDP or not. 0 for the others.
 
     The per-layer code books (16 and 256 fp32 values) add about 1 KB per layer and are left out.
@@ -332,7 +283,7 @@ def _check_scale_out(method: str, ranks: int, strategy: str) -> None:
         raise UserInputError(f"The number of GPUs must be at least 1, got {ranks}.")
 
 
-def per_rank_bytes(shape: ModelShape, method: str, ranks: int, strategy: str, rank: int = PAPER_RANK) -> float:
+def per_rank_bytes(shape: DecoderShape, method: str, ranks: int, strategy: str, rank: int = PAPER_RANK) -> float:
     """GPU bytes one of ``ranks`` GPUs holds to fine-tune ``shape`` with ``method`` under ``strategy`` (no activations).
 
     ``strategy`` is one of ``STRATEGIES``; ``rank`` is LoRA's rank r, not a
@@ -354,7 +305,7 @@ def per_rank_bytes(shape: ModelShape, method: str, ranks: int, strategy: str, ra
     return (total - replicated) / ranks + replicated + gathered
 
 
-def offloaded_bytes(shape: ModelShape, method: str, ranks: int, rank: int = PAPER_RANK) -> float:
+def offloaded_bytes(shape: DecoderShape, method: str, ranks: int, rank: int = PAPER_RANK) -> float:
     """CPU RAM one rank holds under FSDP offload: its share of the parameters, gradients and optimizer state."""
     _check_scale_out(method, ranks, "FSDP offload")
     total = training_bytes(method, shape.linear_parameters, shape.other_parameters, shape.lora_parameters(rank))
@@ -362,7 +313,7 @@ def offloaded_bytes(shape: ModelShape, method: str, ranks: int, rank: int = PAPE
 
 
 def per_rank_table(
-    shapes: dict[str, ModelShape], rows: list[tuple[str, str]], rank: int = PAPER_RANK
+    shapes: dict[str, DecoderShape], rows: list[tuple[str, str]], rank: int = PAPER_RANK
 ) -> tuple[str, dict[tuple[str, str, str, int], float]]:
     """A Markdown table of GiB per GPU: one row per model and (method, strategy), one column per GPU count.
 

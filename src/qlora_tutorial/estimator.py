@@ -1,0 +1,315 @@
+"""Predict a fine-tuning run's peak memory before it starts, part by part, and say whether it fits.
+
+Taught in notebook 09, which prints every run's prediction beside its
+measured peak and lets the estimator decide which runs this machine starts
+(``refuse_if_not_fits``); ``gpu_fits`` asks it which 7B-8B models fit a T4
+or an A100. Where ``projection`` (notebooks 06, 07) counts weights, gradients
+and optimizer state only, this adds what a real run holds besides:
+
+- ``runtime``: on the CPU, the process before any weight exists (Python,
+  torch, transformers, peft and bitsandbytes imported: measured, 437 MiB
+  here) plus what the first training steps add (autograd, oneDNN's buffers);
+  on a GPU, the CUDA context, which ``torch.cuda.max_memory_allocated`` does
+  not count.
+- ``weights``: fp32 (4 bytes) for ``full`` and ``lora-fp32``, bf16 (2) for
+  ``lora-bf16``; for ``qlora`` the 4-bit codes of the blocks' linear weights
+  (0.5 bytes) and, in fp32, everything bitsandbytes leaves unquantized
+  (embeddings, LM head, norms): the series loads them in the compute dtype and
+  ``prepare_model_for_kbit_training`` (``modeling.attach_lora``) upcasts them
+  to fp32. ``quant_state``: the absmax constants of double quantization
+  (``projection.QUANT_STATE_BITS``, 0.127 bits per weight).
+- ``lora``: the adapters, fp32 (PEFT keeps them fp32 on a 16-bit base);
+  ``gradients`` and ``optimizer``: 4 and 8 bytes (AdamW's two fp32 moments)
+  per trained parameter.
+- ``activations``: what autograd saves per token and block (counted on the
+  runs' own code with ``torch.autograd.graph.saved_tensors_hooks``, see
+  ``SAVED_PER_TOKEN``); with gradient checkpointing only each block's input
+  is kept, and one block's activations exist again while it is recomputed.
+- ``logits``: batch x sequence x vocabulary in fp32, several times over at the
+  start of the backward pass (the logits, the log-softmax the loss saves, and
+  the gradients of both).
+- ``transient``: QLoRA dequantizes one linear weight at a time to multiply by
+  it (forward and backward), so the largest one exists in the compute dtype
+  for a moment; full fine-tuning's AdamW step makes one temporary per
+  parameter tensor on the CPU (the largest counts), a copy of all of them on a
+  GPU (``foreach``), when the activations are already gone.
+
+The CPU's peak is the process's resident set (``VmHWM``); a GPU's is
+``max_memory_allocated`` plus the context. The constants are calibrated on
+fresh-process runs of SmolLM2-135M and -360M shapes on this 2-core CPU
+(``tests/data/estimator_calibration.json``), where the resident set exceeds
+the tensors by ``ALLOCATOR_SLACK`` (freed activations the allocator keeps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psutil
+
+from qlora_tutorial.errors import UserInputError
+from qlora_tutorial.projection import GIB, NF4_CODE_BITS, QUANT_STATE_BITS
+from qlora_tutorial.shapes import DecoderShape
+
+MIB = 2**20
+METHODS: dict[str, str] = {
+    "full": "full fine-tuning",
+    "lora-fp32": "LoRA on an fp32 base",
+    "lora-bf16": "LoRA on a bf16 base",
+    "qlora": "QLoRA",
+}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+METHOD_COMPUTE = {"full": ("fp32",), "lora-fp32": ("fp32",), "lora-bf16": ("bf16", "fp16"), "qlora": tuple(DTYPE_BYTES)}
+DEVICES = ("cpu", "cuda")
+RUNTIME_BYTES = 437 * MIB  # python -c "import torch, transformers, peft, bitsandbytes": VmRSS, this machine
+TRAINING_OVERHEAD_BYTES = 60 * MIB  # what a tiny model's first training steps add to the resident set
+ALLOCATOR_SLACK = 1.0  # resident bytes per byte of activations and logits (freed pages glibc keeps)
+CUDA_CONTEXT_BYTES = GIB // 2  # the CUDA context, 0.3-0.45 GiB with lazy module loading: upper end
+LOGIT_COPIES = 4  # fp32 batch x seq x vocab tensors alive at the start of the backward pass
+FULL_CHECKPOINT_BLOCKS = 1  # blocks whose activations exist at once while checkpointing recomputes
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run to predict: a shape, a method, the batch, checkpointing, dtypes, LoRA rank, device.
+
+    ``compute_dtype`` None takes the method's own (fp32; bf16 for
+    ``lora-bf16``); QLoRA may compute in any of them. ``lora-bf16`` computes
+    in its base's 16-bit dtype (fp16 on a GPU without bf16, such as a T4).
+    """
+
+    shape: DecoderShape
+    method: str
+    batch_size: int = 1
+    seq_len: int = 128
+    gradient_checkpointing: bool = True
+    compute_dtype: str | None = None
+    lora_r: int = 16
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserInputError(f"Unknown method {self.method!r}. Known methods: {', '.join(METHODS)}.")
+        if self.device not in DEVICES:
+            raise UserInputError(f"Unknown device {self.device!r}. Known devices: {', '.join(DEVICES)}.")
+        for name in ("batch_size", "seq_len", "lora_r"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        allowed = METHOD_COMPUTE[self.method]
+        if self.compute_dtype is None:
+            object.__setattr__(self, "compute_dtype", allowed[0])
+        elif self.compute_dtype not in allowed:
+            raise UserInputError(
+                f"{self.method} computes in {' or '.join(allowed)}, not {self.compute_dtype!r}."
+                + (f" Known dtypes: {', '.join(DTYPE_BYTES)}." if self.compute_dtype not in DTYPE_BYTES else "")
+            )
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per step: batch size x sequence length."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def trained_parameters(self) -> int:
+        """Every parameter for full fine-tuning; the LoRA matrices (all seven linear kinds) otherwise."""
+        return self.shape.parameters if self.method == "full" else self.shape.lora_parameters(self.lora_r)
+
+    def describe(self) -> str:
+        """E.g. ``"QLoRA (bf16 compute) of llama-2-7b, batch 1 x 128, checkpointing on"``."""
+        dtype = f" ({self.compute_dtype} compute)" if self.method == "qlora" else ""
+        return (
+            f"{METHODS[self.method]}{dtype} of {self.shape.name}, batch {self.batch_size} x {self.seq_len}, "
+            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A run's predicted peak, in bytes per part (see the module doc for each)."""
+
+    spec: RunSpec
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        """The predicted peak: the sum of the parts."""
+        return sum(self.parts.values())
+
+    @property
+    def total_gib(self) -> float:
+        """The predicted peak in GiB."""
+        return self.total_bytes / GIB
+
+
+# Bytes autograd saves per token and block, by method: counts of tensors as wide as the MLP (i), the hidden state
+# (h), the k/v projections (kv) and the LoRA rank (r), each with its dtype's bytes (c: the compute dtype), plus
+# four bytes per attention head (the log-sum-exp of PyTorch's flash attention) and two fp32 norm factors. Counted
+# with saved_tensors_hooks on SmolLM2-135M- and tiny-shaped blocks (transformers 5.23, sdpa, LoRA dropout 0.05);
+# QLoRA saves what LoRA on fp32 does whatever its compute dtype: the residual stream is fp32 after the upcast.
+SAVED_PER_TOKEN: dict[str, dict[str, tuple[tuple[int, str], ...]]] = {
+    "full": {"i": ((4, "c"),), "h": ((8, "c"),), "kv": ((2, "c"),), "r": ()},
+    "lora-fp32": {"i": ((5, "fp32"),), "h": ((16, "fp32"),), "kv": ((2, "fp32"),), "r": ((7, "fp32"),)},
+    "lora-bf16": {"i": ((2, "fp32"), (3, "c")), "h": ((14, "fp32"), (2, "c")), "kv": ((2, "c"),), "r": ((7, "fp32"),)},
+    "qlora": {"i": ((5, "fp32"),), "h": ((16, "fp32"),), "kv": ((2, "fp32"),), "r": ((7, "fp32"),)},
+}
+
+
+def block_activation_bytes(spec: RunSpec) -> int:
+    """Bytes one block's forward pass leaves for its backward pass (``SAVED_PER_TOKEN``), for the whole batch."""
+    shape = spec.shape
+    widths = {"i": shape.intermediate, "h": shape.hidden, "kv": shape.kv_hidden, "r": spec.lora_r}
+    per_token = 4 * shape.heads + 2 * 4
+    for kind, counts in SAVED_PER_TOKEN[spec.method].items():
+        for count, dtype in counts:
+            per_token += count * widths[kind] * DTYPE_BYTES[spec.compute_dtype if dtype == "c" else dtype]
+    return per_token * spec.tokens
+
+
+def residual_bytes(spec: RunSpec) -> int:
+    """Bytes of one block's input for the batch: what checkpointing keeps (16-bit only on a 16-bit base)."""
+    width = DTYPE_BYTES[spec.compute_dtype] if spec.method == "lora-bf16" else 4
+    return width * spec.shape.hidden * spec.tokens
+
+
+def activation_bytes(spec: RunSpec) -> int:
+    """Activations at the start of the backward pass.
+
+    Every block's; with checkpointing, each block's input plus the block being recomputed.
+    """
+    if spec.gradient_checkpointing:
+        return spec.shape.layers * residual_bytes(spec) + FULL_CHECKPOINT_BLOCKS * block_activation_bytes(spec)
+    return spec.shape.layers * block_activation_bytes(spec)
+
+
+def weight_parts(spec: RunSpec) -> dict[str, int]:
+    """Base weights, quantization state, adapters, gradients and AdamW state, in bytes."""
+    shape, trained = spec.shape, spec.trained_parameters
+    if spec.method == "qlora":
+        weights = round(NF4_CODE_BITS / 8 * shape.linear_parameters) + 4 * shape.other_parameters
+        state = round(QUANT_STATE_BITS / 8 * shape.linear_parameters)
+    else:
+        weights, state = DTYPE_BYTES["bf16" if spec.method == "lora-bf16" else "fp32"] * shape.parameters, 0
+    lora = 0 if spec.method == "full" else 4 * trained
+    return {"weights": weights, "quant_state": state, "lora": lora, "gradients": 4 * trained, "optimizer": 8 * trained}
+
+
+def transient_bytes(spec: RunSpec, activations: int, logits: int) -> int:
+    """The largest short-lived tensor on top of the rest: a dequantized weight, or AdamW's temporaries."""
+    shape = spec.shape
+    if spec.method == "qlora":
+        return shape.largest_linear * DTYPE_BYTES[spec.compute_dtype]
+    if spec.method != "full":
+        return 0
+    largest = max(shape.largest_linear, shape.vocab * shape.hidden)
+    step = 4 * (shape.parameters if spec.device == "cuda" else largest)
+    return max(0, step - activations - logits)  # the step runs after the backward pass has freed those
+
+
+def estimate_peak(spec: RunSpec) -> MemoryEstimate:
+    """The run's predicted peak memory, part by part (CPU: resident set; GPU: allocated bytes plus the context)."""
+    activations = activation_bytes(spec)
+    logits = LOGIT_COPIES * 4 * spec.tokens * spec.shape.vocab
+    if spec.device == "cpu":
+        runtime = RUNTIME_BYTES + TRAINING_OVERHEAD_BYTES
+        activations, logits = round(ALLOCATOR_SLACK * activations), round(ALLOCATOR_SLACK * logits)
+    else:
+        runtime = CUDA_CONTEXT_BYTES
+    parts = {"runtime": runtime, **weight_parts(spec), "activations": activations, "logits": logits}
+    parts["transient"] = transient_bytes(spec, activations, logits)
+    return MemoryEstimate(spec, parts)
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """A GPU's memory as a program can use it: ``torch.cuda.get_device_properties(0).total_memory``, in GiB.
+
+    A card is sold by a round label ("16 GB"); ``nvidia-smi`` shows a little
+    less (15,360 MiB on a T4), and CUDA reports less again: the memory ECC and
+    the driver keep back never reaches a program. Every "fits" verdict compares
+    with ``usable_gib``, from which the CUDA context still has to come.
+    """
+
+    name: str
+    usable_gib: float
+    sold_as: str
+    source: str
+
+    @property
+    def usable_bytes(self) -> int:
+        """``usable_gib`` in bytes."""
+        return round(self.usable_gib * GIB)
+
+
+# What CUDA reports as total memory, as printed by torch.cuda.get_device_properties(0) ("total_memory=15095MB", in
+# MiB) or by PyTorch's out-of-memory message ("GPU 0 has a total capacity of 14.74 GiB"), which reads the same value.
+GPUS: dict[str, GpuMemory] = {
+    gpu.name: gpu
+    for gpu in (
+        GpuMemory("T4", 14.74, "16 GB", "total_memory=15095MB (MiB); OOM messages: 14.74 GiB; nvidia-smi: 15,360 MiB"),
+        GpuMemory("L4", 21.96, "24 GB", "OOM messages: total capacity of 21.96 GiB; nvidia-smi: 23,034 MiB"),
+        GpuMemory("A10G", 22.06, "24 GB", "total_memory=22587MB (MiB)"),
+        GpuMemory("A100 40GB", 39.38, "40 GB", "PCIe: total_memory=40326MB; OOM messages: 39.39 GiB; SXM4: 40536MB"),
+        GpuMemory("A100 80GB", 79.15, "80 GB", "OOM messages: total capacity of 79.15 GiB; nvidia-smi: 81,920 MiB"),
+        GpuMemory("H100 80GB", 79.19, "80 GB", "H100 80GB HBM3: total_memory=81089MB (MiB)"),
+    )
+}
+
+
+def _gpu_key(name: str) -> str:
+    return "".join(character for character in name.lower() if character.isalnum())
+
+
+def get_gpu(name: str) -> GpuMemory:
+    """Look a GPU up by name, ignoring case, spaces and dashes ("A100-40GB" is "A100 40GB")."""
+    for gpu in GPUS.values():
+        if _gpu_key(gpu.name) == _gpu_key(name):
+            return gpu
+    raise UserInputError(f"Unknown GPU {name!r}. Known GPUs: {', '.join(GPUS)}.")
+
+
+@dataclass(frozen=True)
+class FitVerdict:
+    """Whether a predicted peak fits the memory available, with a sentence that gives the numbers."""
+
+    fits: bool
+    message: str
+
+
+class RunWouldNotFit(UserInputError):
+    """A run the estimator predicts would not fit in the memory available: it is not started."""
+
+
+def check_fits(
+    estimate: MemoryEstimate, available_bytes: int, margin: float, where: str = "this machine"
+) -> FitVerdict:
+    """Fits when the predicted peak leaves ``margin`` (a share) of ``available_bytes`` free.
+
+    The message reads e.g. "full fine-tuning of smollm2-1.7b needs 27.6 GiB,
+    this machine has 22.9 GiB available (margin 10%): predicted only".
+    """
+    if not 0 <= margin < 1:
+        raise UserInputError(f"The margin is a share of the memory, from 0 to below 1; got {margin}.")
+    if available_bytes <= 0:
+        raise UserInputError(f"The memory available must be positive, got {available_bytes} bytes.")
+    fits = estimate.total_bytes <= (1 - margin) * available_bytes
+    spec = estimate.spec
+    message = (
+        f"{METHODS[spec.method]} of {spec.shape.name} needs {estimate.total_gib:.1f} GiB, {where} has "
+        f"{available_bytes / GIB:.1f} GiB available (margin {margin:.0%}): {'fits' if fits else 'predicted only'}"
+    )
+    return FitVerdict(fits, message)
+
+
+def refuse_if_not_fits(
+    spec: RunSpec, available_bytes: int | None = None, margin: float = 0.10, where: str = "this machine"
+) -> MemoryEstimate:
+    """The run's estimate if it fits, else ``RunWouldNotFit`` with the numbers, before anything is allocated.
+
+    ``available_bytes`` None is this machine's available memory (``psutil.virtual_memory().available``).
+    """
+    available = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    estimate = estimate_peak(spec)
+    verdict = check_fits(estimate, available, margin, where)
+    if not verdict.fits:
+        raise RunWouldNotFit(verdict.message)
+    return estimate
