@@ -42,6 +42,7 @@ from qlora_tutorial.decoder import (
     lora_parameters_by_target,
     score_topics,
     stop_token_ids,
+    topic_scores,
     topic_token_ids,
 )
 from qlora_tutorial.decoder_pipeline import (
@@ -177,6 +178,23 @@ def test_first_token_scores_are_the_answer_positions_log_probabilities(tiny_llam
     whole = score_topics(tiny_llama, decoder_tokenizer, topic_prompts, batch_size=2)
     np.testing.assert_allclose(whole[:, :3], scores[:, :3], atol=1e-5)  # World, Sports, Business: one token each
     assert np.all(whole[:, 3] < scores[:, 3]), "Sci/Tech's later tokens lower its score below Sci's"
+
+
+def test_topic_scores_give_both_readings_from_one_pass(tiny_llama, decoder_tokenizer, topic_prompts):
+    both = topic_scores(tiny_llama, decoder_tokenizer, topic_prompts, batch_size=2)
+    whole = score_topics(tiny_llama, decoder_tokenizer, topic_prompts, batch_size=2)
+    first = score_topics(tiny_llama, decoder_tokenizer, topic_prompts, batch_size=2, whole_names=False)
+    np.testing.assert_allclose(both.whole_name, whole, atol=1e-5)
+    np.testing.assert_allclose(both.first_token, first, atol=1e-5)
+    assert np.all(both.first_token >= both.whole_name), "a first token is at least as likely as the name it starts"
+
+
+def test_topic_scores_read_a_shared_first_token_the_same(llama3_style):
+    """Where two names share a first token (Sports, Sci/Tech here), the first-token reading cannot tell them apart."""
+    model, tokenizer = llama3_style
+    both = topic_scores(model, tokenizer, [prompt_text(tokenizer, text) for text in HEADLINES])
+    np.testing.assert_array_equal(both.first_token[:, 1], both.first_token[:, 3])
+    assert np.all(both.whole_name[:, 1] != both.whole_name[:, 3])
 
 
 def test_names_of_many_tokens_sharing_a_first_token_score_whole(llama3_style):
@@ -426,6 +444,17 @@ def test_the_decoder_model_can_be_set_in_the_environment(monkeypatch, decoder_se
     monkeypatch.setenv(DECODER_MODEL_ENV, str(tmp_path))
     with pytest.raises(UserInputError, match=f"{DECODER_MODEL_ENV}={tmp_path} is a folder without config.json"):
         decoder_profile(decoder_settings)
+
+
+def test_the_decoder_table_names_the_profile_and_leaves_the_classifiers_settings_out(decoder_settings, tiny_profile):
+    table = tiny_profile.table(decoder_settings)
+    lines = table.splitlines()
+    assert lines[0].split(maxsplit=1) == ["profile", "smoke (CI: every notebook in about a minute)"]
+    names = [line.split()[0] for line in lines]
+    assert names[:6] == ["profile", "data", "device", "compute", "optimizer", "runs"]
+    assert "model_name" in names and "gradient_checkpointing" in names and "max_text_tokens" in names
+    assert not {"epochs", "max_length", "train_pool_rows", "model"} & set(names), "the classifier's fields stay out"
+    assert f"model_name              {tiny_profile.model_name}" in table, "values align in one column"
 
 
 def test_the_gpu_profile_checkpoints_gradients_and_saves_every_100_steps(decoder_settings):

@@ -8,6 +8,8 @@ import pytest
 
 from qlora_tutorial import memory_cli, scale_runs
 from qlora_tutorial.__main__ import EXIT_USER_ERROR, main
+from qlora_tutorial.estimator import get_gpu
+from qlora_tutorial.memory_cli import gpu_compute_dtype
 
 TINY_RUN = ["measure", "--shape", "tiny-llama", "--method", "lora-fp32", "--steps", "2", "--seq-len", "16"]
 
@@ -71,4 +73,17 @@ def test_numbers_out_of_range_are_refused_by_the_parser(option: list[str], capsy
 def test_fits_prints_the_parts_and_the_verdict_for_a_gpu(capsys: pytest.CaptureFixture[str]):
     assert main(["fits", "--shape", "llama-3-8b", "--gpu", "T4", "--seq-len", "1024", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "weights" in out and "total" in out and "T4" in out
+    assert out.startswith("QLoRA (fp16 compute) of llama-3-8b, batch 2 x 1024")  # a T4 has no native bf16
+    assert "weights" in out and "total" in out and "a T4 has 14.7 GiB available" in out
+
+
+def test_fits_without_a_gpu_asks_this_machine(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setattr(memory_cli, "available_bytes", lambda: 8 * 2**30)
+    assert main(["fits", "--shape", "smollm2-1.7b", "--method", "lora-fp32"]) == 0
+    assert "this machine has 8.0 GiB available (margin 10%): " in capsys.readouterr().out
+
+
+def test_16bit_methods_compute_in_bf16_from_compute_capability_8():
+    assert gpu_compute_dtype(get_gpu("T4"), "qlora") == "fp16"
+    assert gpu_compute_dtype(get_gpu("A100 40GB"), "lora-bf16") == "bf16"
+    assert gpu_compute_dtype(get_gpu("T4"), "lora-fp32") is None

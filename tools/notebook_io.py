@@ -14,7 +14,7 @@ KEPT_CELL_METADATA = ("tags", "jupyter", "mystnb")
 
 
 def series() -> list[Path]:
-    """The notebooks of the series, in order (00_... to 08_...)."""
+    """The notebooks of the series, in order (00_... to 09_...)."""
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 

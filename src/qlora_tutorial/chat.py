@@ -71,17 +71,21 @@ def completion_ids(tokenizer: PreTrainedTokenizerBase, text: str, answer: str) -
     The answer's part is the answer and everything the template writes after
     it (the end of turn). Raises when the prompt's tokens are not the first
     tokens of the conversation's, because the template renders the earlier
-    turns differently once an answer follows, or the tokenizer merges the
-    prompt's last characters with the answer's first: no split into prompt
-    and answer would then be right.
+    turns differently once an answer follows, or the tokenizer splits the
+    prompt's last characters differently once the answer follows them
+    (SmolLM2's tokenizer writes a closing blank line as one token at the end
+    of a text, as two before a letter: notebook 08's exercise 3): no split
+    into prompt and answer would then be right.
     """
     prompt = token_ids(tokenizer, prompt_text(tokenizer, text))
     conversation = token_ids(tokenizer, tokenizer.apply_chat_template(topic_messages(text, answer), tokenize=False))
     if conversation[: len(prompt)] != prompt or len(conversation) == len(prompt):
         raise UserInputError(
             "This chat template's prompt (add_generation_prompt=True) is not the start of the same conversation "
-            "with the answer, token for token, so the answer's tokens cannot be told apart from the prompt's. "
-            "Use a model whose template renders the earlier turns the same way with and without an answer."
+            "with the answer, token for token, so the answer's tokens cannot be told apart from the prompt's: "
+            "either the template renders the earlier turns differently once an answer follows, or the tokenizer "
+            "splits the prompt's last characters into other tokens once the answer follows them. Use a model whose "
+            "own template and tokenizer agree on where the prompt ends."
         )
     return prompt, conversation[len(prompt) :]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -265,6 +266,39 @@ def continuation_log_probs(
 
 
 @torch.no_grad()
+def name_log_probs(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int,
+    names: list[list[int]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each name's log-probability after each prompt, all its tokens and its first token only: two (prompts, names).
+
+    Only the last position's logits are computed in the prompt's pass
+    (``logits_to_keep=1``): the 49,152-wide output layer is the costliest
+    single matmul per position. The names' later tokens cost one short pass
+    that reuses the prompt's cache (``continuation_log_probs``).
+    """
+    check_prompts(prompts)
+    firsts = torch.tensor([ids[0] for ids in names])
+    whole = np.empty((len(prompts), len(names)), dtype=np.float32)
+    first_only = np.empty_like(whole)
+    order = by_length(tokenizer, prompts)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        rows = order[start : start + batch_size]
+        batch = left_padded(tokenizer, [prompts[i] for i in rows], device)
+        output = model(**batch, logits_to_keep=1, use_cache=True)
+        first = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)[:, firsts.to(device)]
+        first_only[rows] = first.cpu().numpy()
+        whole[rows] = continuation_log_probs(model, batch, first, output.past_key_values, names).cpu().numpy()
+    model.train(was_training)
+    return whole, first_only
+
+
 def score_topics(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -283,31 +317,32 @@ def score_topics(
     a zero-shot model does not know, not which topic it means.
     ``whole_names=False`` scores the first token only (what notebook 08
     first did): a name whose first token is a common word start ("Sci") then
-    stands for much else.
-
-    Only the last position's logits are computed in the prompt's pass
-    (``logits_to_keep=1``): the 49,152-wide output layer is the costliest
-    single matmul per position. The names' later tokens cost one short pass
-    that reuses the prompt's cache (``continuation_log_probs``).
+    stands for much else. ``topic_scores`` gives both readings from one pass.
     """
-    check_prompts(prompts)
-    names = topic_answer_ids(tokenizer)
-    if not whole_names:
-        names = [[token] for token in topic_token_ids(tokenizer)]
-    firsts = torch.tensor([ids[0] for ids in names])
-    scores = np.empty((len(prompts), len(names)), dtype=np.float32)
-    order = by_length(tokenizer, prompts)
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        rows = order[start : start + batch_size]
-        batch = left_padded(tokenizer, [prompts[i] for i in rows], device)
-        output = model(**batch, logits_to_keep=1, use_cache=True)
-        first = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)[:, firsts.to(device)]
-        scores[rows] = continuation_log_probs(model, batch, first, output.past_key_values, names).cpu().numpy()
-    model.train(was_training)
-    return scores
+    names = topic_answer_ids(tokenizer) if whole_names else [[token] for token in topic_token_ids(tokenizer)]
+    return name_log_probs(model, tokenizer, prompts, batch_size, names)[0]
+
+
+@dataclass(frozen=True)
+class TopicScores:
+    """Two readings of the same forward passes, each an array (prompts, 4) of log-probabilities.
+
+    ``whole_name``: every token of each topic's name (``score_topics``).
+    ``first_token``: each name's first token only, the old reading, which
+    notebook 08 shows beside the fair one. Names that share a first token get
+    the same first-token score there, so that reading cannot tell them apart.
+    """
+
+    whole_name: np.ndarray
+    first_token: np.ndarray
+
+
+def topic_scores(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16
+) -> TopicScores:
+    """Whole-name and first-token scores of the four topics from one pass over the prompts (notebook 08)."""
+    whole, first = name_log_probs(model, tokenizer, prompts, batch_size, topic_answer_ids(tokenizer))
+    return TopicScores(whole, first)
 
 
 def answer_share(scores: np.ndarray) -> np.ndarray:

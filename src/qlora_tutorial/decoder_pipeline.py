@@ -1,11 +1,10 @@
 """The decoder's run in one function: data as chat turns, load, attach LoRA, train with the ``Trainer``, save.
 
 Taught in notebook 08, which writes the same steps out in its cells, as 04 does
-for the classifier, and reuses this module for what it runs more than once:
-``python -m qlora_tutorial train-decoder`` calls ``train_decoder``, and 08
-starts that command in fresh processes (``decoder_train_command``) to compare
-LoRA with QLoRA, and gradient checkpointing on with off, each from the same
-memory baseline on the same batches.
+for the classifier, and reuses this module for what it runs more than once
+(its exercise trains two more adapters). ``python -m qlora_tutorial
+train-decoder`` calls ``train_decoder``; ``decoder_train_command`` writes that
+command, to repeat a run in a fresh process (its own memory baseline).
 
 A run saves a checkpoint every ``save_steps`` steps into its output folder;
 started again after an interruption (a Colab runtime that disconnected), it
@@ -107,8 +106,8 @@ class NoFinalCheckpoint(TrainerCallback):
     """Skip the checkpoint the ``Trainer`` saves at the last step: the adapter is saved right after, and ships.
 
     For a 7-8B model that checkpoint is hundreds of MB of optimizer state,
-    written only to be removed; in notebook 08's short memory runs it would
-    also be the only checkpoint, and its writing part of the measured run.
+    written only to be removed; in a short run (notebook 08's exercise) it would
+    also be the only checkpoint, and its writing part of the run's time.
     """
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

@@ -18,12 +18,13 @@ decoder on a T4.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from qlora_tutorial.settings import Settings
 from qlora_tutorial.sources import HUB_DECODER, PACKAGED_SMOLLM2, check_model_name
 
 DECODER_MODEL_ENV = "QLORA_DECODER_MODEL"
+SHARED_SETTINGS = ("profile", "data", "device", "compute dtype", "optimizer", "runs saved in")
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,8 @@ class DecoderProfile:
 
     ``eval_rows`` test rows (a class-balanced sample of the classifier's test
     split, so both models are scored on the same rows) are scored before and
-    after training. ``memory_steps`` is the length of each fresh-process run
-    that compares LoRA, QLoRA and gradient checkpointing. ``max_text_tokens``
-    cuts every article, in training and scoring alike.
+    after training. ``max_text_tokens`` cuts every article, in training and
+    scoring alike.
     ``gradient_checkpointing`` recomputes each block's activations in the
     backward pass instead of keeping them: on for the `gpu` profile, where a
     7-8B model's activations would not fit beside it, off on the CPU profiles,
@@ -49,7 +49,6 @@ class DecoderProfile:
     batch_size: int
     learning_rate: float
     eval_rows: int
-    memory_steps: int
     max_text_tokens: int
     eval_batch_size: int = 16
     warmup_steps: int = 6
@@ -59,6 +58,22 @@ class DecoderProfile:
     generated_examples: int = 4
     gradient_checkpointing: bool = False
     save_steps: int = 20
+
+    def rows(self, settings: Settings) -> list[tuple[str, str]]:
+        """(name, value) pairs: what the decoder shares with the series' settings, then its own fields.
+
+        The classifier's fields (its model, epochs, batch, learning rate, ...)
+        are left out: notebook 08 trains the decoder only.
+        """
+        shared = dict(settings.rows())
+        pairs = [(name, shared[name]) for name in SHARED_SETTINGS]
+        return pairs + [(field.name, str(getattr(self, field.name))) for field in fields(self)]
+
+    def table(self, settings: Settings) -> str:
+        """The decoder's settings as an aligned two-column text table (its first line names the profile)."""
+        rows = self.rows(settings)
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 DECODER_PROFILES: dict[str, DecoderProfile] = {
@@ -70,7 +85,6 @@ DECODER_PROFILES: dict[str, DecoderProfile] = {
         batch_size=4,
         learning_rate=5e-4,
         eval_rows=24,
-        memory_steps=2,
         max_text_tokens=32,
         warmup_steps=1,
         generated_examples=2,
@@ -84,7 +98,6 @@ DECODER_PROFILES: dict[str, DecoderProfile] = {
         batch_size=8,
         learning_rate=5e-4,
         eval_rows=500,
-        memory_steps=6,
         max_text_tokens=64,
     ),
     "gpu": DecoderProfile(
@@ -95,7 +108,6 @@ DECODER_PROFILES: dict[str, DecoderProfile] = {
         batch_size=16,
         learning_rate=2e-4,
         eval_rows=7_600,
-        memory_steps=20,
         max_text_tokens=128,
         eval_batch_size=64,
         warmup_steps=25,

@@ -6,9 +6,10 @@ measured peak and lets the estimator decide which runs this machine starts
 or an A100. Where ``projection`` (notebooks 06, 07) counts weights, gradients
 and optimizer state only, this adds what a real run holds besides:
 
-- ``runtime``: on the CPU, the process before any weight exists (Python,
-  torch, transformers, peft and bitsandbytes imported: measured, 437 MiB
-  here) plus what the first training steps add (autograd, oneDNN's buffers);
+- ``runtime``: on the CPU, the process before any weight exists (the
+  measuring process of ``scale_runs``, measured: 563 MiB, of which 437 MiB are
+  torch, transformers, peft and bitsandbytes) plus what the first training
+  steps add (autograd, the math libraries' buffers);
   on a GPU, the CUDA context, which ``torch.cuda.max_memory_allocated`` does
   not count.
 - ``weights``: fp32 (4 bytes) for ``full`` and ``lora-fp32``, bf16 (2) for
@@ -30,15 +31,21 @@ and optimizer state only, this adds what a real run holds besides:
   the gradients of both).
 - ``transient``: QLoRA dequantizes one linear weight at a time to multiply by
   it (forward and backward), so the largest one exists in the compute dtype
-  for a moment; full fine-tuning's AdamW step makes one temporary per
-  parameter tensor on the CPU (the largest counts), a copy of all of them on a
-  GPU (``foreach``), when the activations are already gone.
+  for a moment; full fine-tuning's AdamW step makes two temporaries of one
+  parameter tensor at a time on the CPU (the largest counts), a copy of all of
+  them on a GPU (``foreach``), when the activations are already gone.
 
 The CPU's peak is the process's resident set (``VmHWM``); a GPU's is
 ``max_memory_allocated`` plus the context. The constants are calibrated on
-fresh-process runs of SmolLM2-135M and -360M shapes on this 2-core CPU
-(``tests/data/estimator_calibration.json``), where the resident set exceeds
-the tensors by ``ALLOCATOR_SLACK`` (freed activations the allocator keeps).
+fresh-process runs of tiny, SmolLM2-135M and -360M shapes on this 2-core CPU
+(``tests/data/estimator_calibration.json``), made with glibc's mmap threshold
+fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_=1048576``): every tensor of 1 MiB or
+more is then its own mapping, returned to the system when freed. With glibc's
+default, the threshold rises to the size of the first large block freed, and
+later tensors up to 32 MiB come from the heap, whose freed holes stay resident:
+three identical QLoRA runs of a 360M shape (fp32 compute) peaked at 1,428, 1,835
+and 1,788 MiB, against 1,244 and 1,223 MiB with the threshold fixed (QLoRA
+dequantizes a weight per layer and frees it at once, which fragments the heap).
 """
 
 from __future__ import annotations
@@ -61,12 +68,14 @@ METHODS: dict[str, str] = {
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHOD_COMPUTE = {"full": ("fp32",), "lora-fp32": ("fp32",), "lora-bf16": ("bf16", "fp16"), "qlora": tuple(DTYPE_BYTES)}
 DEVICES = ("cpu", "cuda")
-RUNTIME_BYTES = 437 * MIB  # python -c "import torch, transformers, peft, bitsandbytes": VmRSS, this machine
+# VmRSS of a fresh `python -c "import qlora_tutorial.scale_runs"`, the measuring process (this machine; torch,
+# transformers, peft and bitsandbytes alone: 437 MiB; the rest is datasets, pandas and the series' modules)
+RUNTIME_BYTES = 563 * MIB
 TRAINING_OVERHEAD_BYTES = 60 * MIB  # what a tiny model's first training steps add to the resident set
-ALLOCATOR_SLACK = 1.0  # resident bytes per byte of activations and logits (freed pages glibc keeps)
 CUDA_CONTEXT_BYTES = GIB // 2  # the CUDA context, 0.3-0.45 GiB with lazy module loading: upper end
 LOGIT_COPIES = 4  # fp32 batch x seq x vocab tensors alive at the start of the backward pass
 FULL_CHECKPOINT_BLOCKS = 1  # blocks whose activations exist at once while checkpointing recomputes
+ADAMW_CPU_TEMPORARIES = 2  # single-tensor AdamW: sqrt(v) and its quotient, one parameter tensor at a time
 
 
 @dataclass(frozen=True)
@@ -200,8 +209,8 @@ def transient_bytes(spec: RunSpec, activations: int, logits: int) -> int:
         return shape.largest_linear * DTYPE_BYTES[spec.compute_dtype]
     if spec.method != "full":
         return 0
-    largest = max(shape.largest_linear, shape.vocab * shape.hidden)
-    step = 4 * (shape.parameters if spec.device == "cuda" else largest)
+    largest = max(shape.largest_linear, shape.vocab * shape.hidden)  # the embedding matrix, in practice
+    step = 4 * shape.parameters if spec.device == "cuda" else ADAMW_CPU_TEMPORARIES * 4 * largest
     return max(0, step - activations - logits)  # the step runs after the backward pass has freed those
 
 
@@ -209,11 +218,7 @@ def estimate_peak(spec: RunSpec) -> MemoryEstimate:
     """The run's predicted peak memory, part by part (CPU: resident set; GPU: allocated bytes plus the context)."""
     activations = activation_bytes(spec)
     logits = LOGIT_COPIES * 4 * spec.tokens * spec.shape.vocab
-    if spec.device == "cpu":
-        runtime = RUNTIME_BYTES + TRAINING_OVERHEAD_BYTES
-        activations, logits = round(ALLOCATOR_SLACK * activations), round(ALLOCATOR_SLACK * logits)
-    else:
-        runtime = CUDA_CONTEXT_BYTES
+    runtime = RUNTIME_BYTES + TRAINING_OVERHEAD_BYTES if spec.device == "cpu" else CUDA_CONTEXT_BYTES
     parts = {"runtime": runtime, **weight_parts(spec), "activations": activations, "logits": logits}
     parts["transient"] = transient_bytes(spec, activations, logits)
     return MemoryEstimate(spec, parts)
@@ -232,6 +237,7 @@ class GpuMemory:
     name: str
     usable_gib: float
     sold_as: str
+    compute_capability: tuple[int, int]  # 8.0 and later compute in bf16 natively; a T4 (7.5) uses fp16
     source: str
 
     @property
@@ -240,17 +246,19 @@ class GpuMemory:
         return round(self.usable_gib * GIB)
 
 
-# What CUDA reports as total memory, as printed by torch.cuda.get_device_properties(0) ("total_memory=15095MB", in
-# MiB) or by PyTorch's out-of-memory message ("GPU 0 has a total capacity of 14.74 GiB"), which reads the same value.
+# What CUDA reports as total memory: "torch" is torch.cuda.get_device_properties(0) as it prints itself
+# ("total_memory=15095MB", in MiB: 14.74 GiB), "OOM" PyTorch's out-of-memory message, which reads the same value
+# ("GPU 0 has a total capacity of 14.74 GiB"); nvidia-smi's total, shown for comparison, is larger. Sources: public
+# logs and issues quoting these lines for each card; where two disagree (A100 40GB: PCIe vs SXM4), the smaller.
 GPUS: dict[str, GpuMemory] = {
     gpu.name: gpu
     for gpu in (
-        GpuMemory("T4", 14.74, "16 GB", "total_memory=15095MB (MiB); OOM messages: 14.74 GiB; nvidia-smi: 15,360 MiB"),
-        GpuMemory("L4", 21.96, "24 GB", "OOM messages: total capacity of 21.96 GiB; nvidia-smi: 23,034 MiB"),
-        GpuMemory("A10G", 22.06, "24 GB", "total_memory=22587MB (MiB)"),
-        GpuMemory("A100 40GB", 39.38, "40 GB", "PCIe: total_memory=40326MB; OOM messages: 39.39 GiB; SXM4: 40536MB"),
-        GpuMemory("A100 80GB", 79.15, "80 GB", "OOM messages: total capacity of 79.15 GiB; nvidia-smi: 81,920 MiB"),
-        GpuMemory("H100 80GB", 79.19, "80 GB", "H100 80GB HBM3: total_memory=81089MB (MiB)"),
+        GpuMemory("T4", 14.74, "16 GB", (7, 5), "torch 15095MB; OOM 14.74 GiB; nvidia-smi 15,360 MiB"),
+        GpuMemory("L4", 21.96, "24 GB", (8, 9), "OOM 21.96 GiB; nvidia-smi 23,034 MiB"),
+        GpuMemory("A10G", 22.06, "24 GB", (8, 6), "torch 22587MB"),
+        GpuMemory("A100 40GB", 39.38, "40 GB", (8, 0), "torch 40326MB (PCIe), 40536MB (SXM4); OOM 39.39 GiB"),
+        GpuMemory("A100 80GB", 79.15, "80 GB", (8, 0), "OOM 79.15 GiB; nvidia-smi 81,920 MiB"),
+        GpuMemory("H100 80GB", 79.19, "80 GB", (9, 0), "torch 81089MB (H100 80GB HBM3)"),
     )
 }
 

@@ -79,7 +79,7 @@ def run_or_predict(spec: RunSpec, steps: int, margin: float, available_bytes: in
     )
     line = (
         f"{spec.describe()}: predicted {estimate.total_gib:.2f} GiB, measured {measured / GIB:.2f} GiB "
-        f"({error:+.1%}), {run['median_step_seconds']:.1f} s/step"
+        f"({error:+.1%}), {run['median_step_seconds']:.2f} s/step"
     )
     return {**row, "line": line}
 
@@ -100,7 +100,7 @@ def ladder_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
             if row["anon_bytes"] is None
             else f"{gib(row['anon_bytes'])} / {gib(row['file_bytes'])}",
             "error": "predicted only" if row["error"] is None else f"{row['error']:+.1%}",
-            "s/step": "-" if row["step_seconds"] is None else f"{row['step_seconds']:.1f}",
+            "s/step": "-" if row["step_seconds"] is None else f"{row['step_seconds']:.2f}",
         }
         for row in rows
     )

@@ -26,10 +26,22 @@ from typing import Any
 import psutil
 
 from qlora_tutorial.errors import UserInputError
+from qlora_tutorial.estimator import (
+    DTYPE_BYTES,
+    METHODS,
+    GpuMemory,
+    RunSpec,
+    check_fits,
+    estimate_peak,
+    get_gpu,
+    refuse_if_not_fits,
+)
+from qlora_tutorial.memory import format_bytes
+from qlora_tutorial.settings import NATIVE_BF16_CAPABILITY, load_settings
+from qlora_tutorial.shapes import get_decoder_shape
 
 MEMORY_COMMANDS = ("measure", "fits")
 DEFAULT_MARGIN = 0.10  # the share of the available memory a predicted peak must leave free
-COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def available_bytes() -> int:
@@ -46,7 +58,7 @@ def add_run_options(command: argparse.ArgumentParser, *, method_default: str | N
         "--method",
         required=method_default is None,
         default=method_default,
-        help="full, lora-fp32, lora-bf16 or qlora" + (f" (default: {method_default})" if method_default else ""),
+        help=", ".join(METHODS) + (f" (default: {method_default})" if method_default else ""),
     )
     command.add_argument("--seq-len", type=positive_int, default=128, help="tokens per row (default: 128)")
     command.add_argument("--batch-size", type=positive_int, default=1, help="rows per step (default: 1)")
@@ -56,7 +68,7 @@ def add_run_options(command: argparse.ArgumentParser, *, method_default: str | N
     )
     command.add_argument(
         "--compute-dtype",
-        choices=COMPUTE_DTYPES,
+        choices=tuple(DTYPE_BYTES),
         help="qlora's compute dtype (default: bf16 where the CPU lists avx512_bf16, else fp32; on a GPU its own)",
     )
 
@@ -96,15 +108,17 @@ def add_memory_parsers(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def run_spec(arguments: argparse.Namespace, device: str = "cpu") -> Any:
-    """The ``estimator.RunSpec`` the options describe (``scale_runs.scale_spec``: QLoRA's CPU dtype rule)."""
-    from qlora_tutorial.scale_runs import scale_spec
-    from qlora_tutorial.shapes import get_decoder_shape
+def run_spec(arguments: argparse.Namespace, *, device: str = "cpu", compute_dtype: str | None = None) -> RunSpec:
+    """The ``estimator.RunSpec`` the options describe (``scale_runs.scale_spec``: QLoRA's CPU dtype rule).
+
+    ``compute_dtype`` is the default where ``--compute-dtype`` is not given.
+    """
+    from qlora_tutorial.scale_runs import scale_spec  # torch and transformers: only for the commands that need them
 
     return scale_spec(
         get_decoder_shape(arguments.shape),
         arguments.method,
-        compute_dtype=arguments.compute_dtype,
+        compute_dtype=arguments.compute_dtype or compute_dtype,
         batch_size=arguments.batch_size,
         seq_len=arguments.seq_len,
         gradient_checkpointing=not arguments.no_gradient_checkpointing,
@@ -113,12 +127,21 @@ def run_spec(arguments: argparse.Namespace, device: str = "cpu") -> Any:
     )
 
 
+def gpu_compute_dtype(gpu: GpuMemory, method: str) -> str | None:
+    """The 16-bit dtype QLoRA and LoRA on a 16-bit base compute in on ``gpu``, as the `gpu` profile decides it.
+
+    bf16 from compute capability 8.0 (``settings.NATIVE_BF16_CAPABILITY``),
+    fp16 below (a T4); None for the methods that compute in fp32.
+    """
+    if method not in ("qlora", "lora-bf16"):
+        return None
+    return "bf16" if tuple(gpu.compute_capability) >= NATIVE_BF16_CAPABILITY else "fp16"
+
+
 def measure_command(arguments: argparse.Namespace) -> int:
     """``measure``: refuse a run that would not fit, else run it here and print what it measured."""
-    from qlora_tutorial.estimator import refuse_if_not_fits
     from qlora_tutorial.quantized_checkpoint import checkpoints_dir
     from qlora_tutorial.scale_runs import check_spec, measure_run
-    from qlora_tutorial.settings import load_settings
 
     spec = run_spec(arguments)
     check_spec(spec, arguments.steps, quantize_while_loading=arguments.quantize_while_loading)
@@ -140,8 +163,6 @@ def measure_command(arguments: argparse.Namespace) -> int:
 
 def run_summary(results: dict[str, Any]) -> str:
     """A measured run in three lines: what ran, its peak against the prediction, its times."""
-    from qlora_tutorial.memory import format_bytes
-
     phase = results["train"] or results["load"]
     split = (
         f", {'training' if results['train'] else 'loading'} anon {format_bytes(phase['anon_bytes'])} "
@@ -163,19 +184,18 @@ def run_summary(results: dict[str, Any]) -> str:
 
 def fits_command(arguments: argparse.Namespace) -> int:
     """``fits``: print the prediction part by part and the verdict for a GPU or this machine."""
-    from qlora_tutorial.estimator import check_fits, estimate_peak, get_gpu
-    from qlora_tutorial.memory import format_bytes
-
     if arguments.gpu:
         gpu = get_gpu(arguments.gpu)
-        spec, available, where = run_spec(arguments, device="cuda"), gpu.usable_bytes, gpu.name
+        spec = run_spec(arguments, device="cuda", compute_dtype=gpu_compute_dtype(gpu, arguments.method))
+        available, where = gpu.usable_bytes, f"a {gpu.name}"
     else:
         spec, available, where = run_spec(arguments), available_bytes(), "this machine"
     estimate = estimate_peak(spec)
+    print(spec.describe())
     for part, count in estimate.parts.items():
-        print(f"{part:<12} {format_bytes(count):>10}")
-    print(f"{'total':<12} {format_bytes(estimate.total_bytes):>10}")
-    print(f"{where}: {check_fits(estimate, available, arguments.margin).message}")
+        print(f"  {part:<12} {format_bytes(count):>10}")
+    print(f"  {'total':<12} {format_bytes(estimate.total_bytes):>10}")
+    print(check_fits(estimate, available, arguments.margin, where).message)
     return 0
 
 

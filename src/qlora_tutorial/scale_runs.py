@@ -20,6 +20,7 @@ file-backed pages, and the kernel's exact peak).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -46,6 +47,9 @@ SEED = 42
 LEARNING_RATE = 1e-4
 LORA_DROPOUT = 0.05  # notebook 08's decoder profile
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# glibc serves blocks of 1 MiB and more with their own mapping, returned when freed: without it, glibc's dynamic
+# threshold rises after the first large free and freed holes stay resident, so identical runs peak 0-50% apart.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
 def cpu_compute_dtype() -> str:
@@ -54,10 +58,11 @@ def cpu_compute_dtype() -> str:
     The same rule as the `gpu` profile's (``settings.compute_dtype_for``: bf16
     where the hardware computes it natively, from compute capability 8.0).
     A CPU with ``avx512_bf16`` (Intel Sapphire Rapids and later, AMD Zen 4 and
-    later) multiplies bf16 matrices in hardware, about twice as fast as fp32
-    and with half the bytes per activation. Without it, PyTorch emulates bf16
-    matrix products by converting to fp32 and back, which is slower than fp32
-    itself, so fp32 is the better choice there. Notebook 09 shows both on a CPU that has it.
+    later) multiplies bf16 matrices in hardware: faster than fp32, with half
+    the bytes per dequantized weight and activation. Without it, PyTorch's
+    CPU kernels convert bf16 to fp32 and back around every product, which
+    costs time and saves little memory (the weights are 4-bit either way), so
+    fp32 is the choice there. Notebook 09 runs both on a CPU that has it.
     """
     return "bf16" if cpu_lists_avx512_bf16() else "fp32"
 
@@ -253,9 +258,12 @@ def measure_in_fresh_process(
     raises ``UserInputError`` with the refusal's message, before the child
     allocated anything; any other failure raises with the end of the child's
     output. ``log_path``, if given, keeps the child's warnings and progress.
+    The child runs with glibc's mmap threshold fixed at 1 MiB
+    (``FIXED_MMAP_THRESHOLD``), so its peak is reproducible.
     """
     command = measure_command(spec, steps, quantize_while_loading=quantize_while_loading, live_tensors=live_tensors)
-    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    environment = {**os.environ, **FIXED_MMAP_THRESHOLD}
+    finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text(finished.stderr)
