@@ -6,8 +6,8 @@ full-precision copy of the model fits beside the 4-bit one, so:
 
 * on CUDA the 4-bit model with its adapter kept separate is what scores and
   generates (``evaluation_decoder``); on the CPU the same weights dequantized
-  (and merged) into fp32 run faster, since a 4-bit layer dequantizes its
-  weight at every call there;
+  and merged into fp32, the merge notebook 05 found to reproduce the trained
+  model, which a model small enough to train on a CPU affords;
 * the merge goes into the dequantized 4-bit base, the base the adapter was
   trained against (notebook 05), layer by layer and in place, in the compute
   dtype: fp32 on the CPU, bf16 on GPUs that have it natively, fp16 on a T4.
@@ -143,10 +143,10 @@ def merge_rounding(model: PeftModel, dtype: torch.dtype) -> MergeRounding:
 def dequantized_decoder(settings: Settings, profile: DecoderProfile) -> PreTrainedModel:
     """The decoder whose linear layers hold the NF4 weights, dequantized: what QLoRA trained against.
 
-    In the compute dtype (``settings.compute_dtype``): on the CPU fp32, where
-    scoring it gives the 4-bit model's answers at full-precision speed
-    (notebook 08 checks that they agree). Loaded once in 4 bit and dequantized
-    layer by layer, so no second copy of the model is ever held.
+    In the compute dtype (``settings.compute_dtype``): on the CPU fp32, the same
+    arithmetic as the 4-bit model's, which dequantizes its weights to fp32 at
+    every call (the base notebook 08's zero-shot scores come from). Loaded once
+    in 4 bit and dequantized layer by layer, so no second copy is ever held.
     """
     return without_quantization(load_decoder(settings, profile, QLORA_PRECISION), settings.compute_dtype)
 
@@ -173,9 +173,9 @@ def evaluation_decoder(
 
     On CUDA the 4-bit model with its adapter kept separate is the trained
     model itself and holds no copy of its weights, so it works for a 7-8B
-    model on a T4. On the CPU, where a 4-bit layer dequantizes its weight at
-    every call, the same weights dequantized (and merged) into fp32 give the
-    same answers faster, and a model that trains on a CPU fits in fp32 too.
+    model on a T4. On the CPU the same weights dequantized (and merged) into
+    fp32 give the same answers (notebook 08 checks it), as the plain model a
+    merge ships; a model that trains on a CPU fits in fp32 too.
     """
     if settings.device == "cuda":
         if adapter_dir is None:
