@@ -17,6 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from qlora_tutorial.plots import _CLOSE_LINES, _memory_line
+
 GIB = 2**30
 METHOD_STYLES: dict[str, dict[str, str]] = {
     "full fine-tuning": {"color": "tab:gray", "marker": "s"},
@@ -24,25 +26,15 @@ METHOD_STYLES: dict[str, dict[str, str]] = {
     "LoRA on a bf16 base": {"color": "tab:purple", "marker": "D"},
     "QLoRA": {"color": "tab:green", "marker": "^"},
 }
-# Two memory lines closer than this factor share one label position: the lower label goes below its line.
-CLOSE_LINES = 1.35
 
 
 def _memory_lines(axis: Axes, lines: Mapping[str, float]) -> None:
     """Dashed horizontal lines for memories (bytes), labelled in the right margin, the lower of a close pair below."""
     heights = sorted((value / GIB, name) for name, value in lines.items())
     for index, (height, name) in enumerate(heights):
-        above = index + 1 == len(heights) or heights[index + 1][0] > CLOSE_LINES * height
-        axis.axhline(height, color="tab:red" if "this machine" in name else "gray", linestyle="--", linewidth=0.9)
-        axis.annotate(
-            f" {name} ({height:.1f} GiB)",
-            (1, height),
-            xycoords=("axes fraction", "data"),
-            va="bottom" if above else "top",
-            ha="left",
-            fontsize=8,
-            annotation_clip=False,
-        )
+        above = index + 1 == len(heights) or heights[index + 1][0] > _CLOSE_LINES * height
+        color = "tab:red" if "this machine" in name else "gray"
+        _memory_line(axis, height, f"{name} ({height:.1f} GiB)", above, color=color, linestyle="--")
 
 
 def _size_axis(axis: Axes, sizes: Mapping[str, int]) -> None:
