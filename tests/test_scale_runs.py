@@ -21,6 +21,7 @@ from qlora_tutorial.scale_runs import (
     measure_command,
     measure_in_fresh_process,
     measure_run,
+    random_model,
     scale_spec,
 )
 from qlora_tutorial.shapes import get_decoder_shape
@@ -39,6 +40,22 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for precision in ("nf4-dq", "bf16"):
         ensure_random_checkpoint(TINY, root, precision, fresh_process=False)
     return root
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_models_are_seeded_drawn_once_as_llama_draws_them_and_keep_their_ties(dtype: torch.dtype):
+    first, second = random_model(tiny_spec("full"), dtype), random_model(tiny_spec("full"), dtype)
+    config = TINY.llama_config()
+    for (name, weight), (_, again) in zip(first.named_parameters(), second.named_parameters(), strict=True):
+        assert weight.dtype == dtype and torch.equal(weight, again), name
+        if weight.dim() == 1:
+            assert torch.all(weight == 1), f"{name}: a norm weight starts at 1"
+        else:
+            std = weight.float().std().item()
+            assert abs(std - config.initializer_range) < 0.2 * config.initializer_range, name
+    tied = first.lm_head.weight.data_ptr() == first.model.embed_tokens.weight.data_ptr()
+    assert tied == bool(config.tie_word_embeddings)
+    assert sum(p.numel() for p in first.parameters()) == TINY.parameters
 
 
 @pytest.mark.parametrize(("listed", "expected"), [(True, "bf16"), (False, "fp32")])
@@ -119,13 +136,14 @@ def test_the_live_tensor_peak_is_recorded_on_request(checkpoints: Path):
 
 def test_the_fresh_process_command_names_every_choice():
     spec = tiny_spec("qlora", "bf16", gradient_checkpointing=False, batch_size=2)
-    command = measure_command(spec, 4, quantize_while_loading=True, live_tensors=True)
+    command = measure_command(spec, 4, quantize_while_loading=True, live_tensors=True, margin=0.2)
     assert command[1:4] == ["-m", "qlora_tutorial", "measure"]
     text = " ".join(command[4:])
     assert text == (
         "--shape tiny-llama --method qlora --steps 4 --seq-len 16 --batch-size 2 --lora-r 16 --compute-dtype bf16 "
-        "--no-gradient-checkpointing --quantize-while-loading --live-tensors --json"
+        "--no-gradient-checkpointing --quantize-while-loading --live-tensors --margin 0.2 --json"
     )
+    assert "--margin" not in measure_command(spec, 4)  # the command's own default
 
 
 def test_a_refusal_in_the_child_is_raised_as_the_same_user_error(monkeypatch: pytest.MonkeyPatch):

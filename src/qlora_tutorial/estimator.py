@@ -7,9 +7,11 @@ or an A100. Where ``projection`` (notebooks 06, 07) counts weights, gradients
 and optimizer state only, this adds what a real run holds besides:
 
 - ``runtime``: on the CPU, the process before any weight exists (the
-  measuring process of ``scale_runs``, measured: 563 MiB, of which 437 MiB are
-  torch, transformers, peft and bitsandbytes) plus what the first training
-  steps add (autograd, the math libraries' buffers);
+  measuring process of ``scale_runs``: 563 MiB on the calibration machine, of
+  which 437 MiB are torch, transformers, peft and bitsandbytes; it differs
+  from machine to machine, so notebook 09 measures it on its own machine,
+  ``scale_runs.process_baseline_bytes``) plus what the first training steps
+  add (autograd, the math libraries' buffers);
   on a GPU, the CUDA context, which ``torch.cuda.max_memory_allocated`` does
   not count.
 - ``weights``: fp32 (4 bytes) for ``full`` and ``lora-fp32``, bf16 (2) for
@@ -68,8 +70,9 @@ METHODS: dict[str, str] = {
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHOD_COMPUTE = {"full": ("fp32",), "lora-fp32": ("fp32",), "lora-bf16": ("bf16", "fp16"), "qlora": tuple(DTYPE_BYTES)}
 DEVICES = ("cpu", "cuda")
-# VmRSS of a fresh `python -c "import qlora_tutorial.scale_runs"`, the measuring process (this machine; torch,
-# transformers, peft and bitsandbytes alone: 437 MiB; the rest is datasets, pandas and the series' modules)
+# VmRSS of a fresh measuring process before it builds anything, on the calibration machine (torch, transformers,
+# peft and bitsandbytes alone: 437 MiB; the rest is datasets, pandas and the series' modules); where the machine
+# at hand can be asked, scale_runs.process_baseline_bytes measures it instead
 RUNTIME_BYTES = 563 * MIB
 # What training adds to the resident set beyond the counted tensors (autograd, the math libraries' buffers): 23-47 MiB
 # on the tiny shape, 92-184 MiB on SmolLM2 shapes in the calibration runs; with 60 all 25 are within -9.2%..+5.9%
@@ -216,11 +219,25 @@ def transient_bytes(spec: RunSpec, activations: int, logits: int) -> int:
     return max(0, step - activations - logits)  # the step runs after the backward pass has freed those
 
 
-def estimate_peak(spec: RunSpec) -> MemoryEstimate:
-    """The run's predicted peak memory, part by part (CPU: resident set; GPU: allocated bytes plus the context)."""
+def estimate_peak(spec: RunSpec, process_bytes: int | None = None) -> MemoryEstimate:
+    """The run's predicted peak memory, part by part (CPU: resident set; GPU: allocated bytes plus the context).
+
+    ``process_bytes`` is, on the CPU, the resident set of the process that
+    will train, before any weight exists, as measured on this machine
+    (``scale_runs.process_baseline_bytes``): it depends on the CPU, the
+    libraries and the operating system (which shared-library pages are
+    touched), not on the run. None takes ``RUNTIME_BYTES``, the figure of
+    the machine the constants were calibrated on.
+    """
+    if process_bytes is not None and process_bytes <= 0:
+        raise UserInputError(
+            f"The process's resident set must be positive, got {process_bytes} bytes: give the value "
+            "scale_runs.process_baseline_bytes() measures on this machine, or None for the calibration machine's."
+        )
     activations = activation_bytes(spec)
     logits = LOGIT_COPIES * 4 * spec.tokens * spec.shape.vocab
-    runtime = RUNTIME_BYTES + TRAINING_OVERHEAD_BYTES if spec.device == "cpu" else CUDA_CONTEXT_BYTES
+    baseline = RUNTIME_BYTES if process_bytes is None else process_bytes
+    runtime = baseline + TRAINING_OVERHEAD_BYTES if spec.device == "cpu" else CUDA_CONTEXT_BYTES
     parts = {"runtime": runtime, **weight_parts(spec), "activations": activations, "logits": logits}
     parts["transient"] = transient_bytes(spec, activations, logits)
     return MemoryEstimate(spec, parts)
@@ -258,7 +275,9 @@ GPUS: dict[str, GpuMemory] = {
         GpuMemory("T4", 14.74, "16 GB", (7, 5), "torch 15095MB; OOM 14.74 GiB; nvidia-smi 15,360 MiB"),
         GpuMemory("L4", 21.96, "24 GB", (8, 9), "OOM 21.96 GiB; nvidia-smi 23,034 MiB"),
         GpuMemory("A10G", 22.06, "24 GB", (8, 6), "torch 22587MB"),
+        GpuMemory("RTX 4090", 23.68, "24 GB", (8, 9), "OOM 23.68 GiB (zai-org/CogVideo#36); nvidia-smi 24,564 MiB"),
         GpuMemory("A100 40GB", 39.38, "40 GB", (8, 0), "torch 40326MB (PCIe), 40536MB (SXM4); OOM 39.39 GiB"),
+        GpuMemory("RTX A6000", 47.54, "48 GB", (8, 6), "OOM 47.54 GiB; nvidia-smi 49,140 MiB (vllm-project/vllm#1201)"),
         GpuMemory("A100 80GB", 79.15, "80 GB", (8, 0), "OOM 79.15 GiB; nvidia-smi 81,920 MiB"),
         GpuMemory("H100 80GB", 79.19, "80 GB", (9, 0), "torch 81089MB (H100 80GB HBM3)"),
     )
@@ -311,14 +330,19 @@ def check_fits(
 
 
 def refuse_if_not_fits(
-    spec: RunSpec, available_bytes: int | None = None, margin: float = 0.10, where: str = "this machine"
+    spec: RunSpec,
+    available_bytes: int | None = None,
+    margin: float = 0.10,
+    where: str = "this machine",
+    process_bytes: int | None = None,
 ) -> MemoryEstimate:
     """The run's estimate if it fits, else ``RunWouldNotFit`` with the numbers, before anything is allocated.
 
-    ``available_bytes`` None is this machine's available memory (``psutil.virtual_memory().available``).
+    ``available_bytes`` None is this machine's available memory (``psutil.virtual_memory().available``);
+    ``process_bytes`` as for :func:`estimate_peak`.
     """
     available = psutil.virtual_memory().available if available_bytes is None else available_bytes
-    estimate = estimate_peak(spec)
+    estimate = estimate_peak(spec, process_bytes)
     verdict = check_fits(estimate, available, margin, where)
     if not verdict.fits:
         raise RunWouldNotFit(verdict.message)

@@ -15,9 +15,10 @@ from typing import Any
 import pandas as pd
 import psutil
 
+from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.estimator import METHODS, RunSpec, check_fits, estimate_peak
 from qlora_tutorial.scale_profile import ScaleProfile
-from qlora_tutorial.scale_runs import measure_in_fresh_process, scale_spec
+from qlora_tutorial.scale_runs import measure_in_fresh_process, process_baseline_bytes, scale_spec
 from qlora_tutorial.shapes import get_decoder_shape
 
 GIB = 2**30
@@ -38,8 +39,18 @@ def ladder_specs(ladder: ScaleProfile) -> list[RunSpec]:
     ]
 
 
-def run_or_predict(spec: RunSpec, steps: int, margin: float, available_bytes: int | None = None) -> dict[str, Any]:
+def run_or_predict(
+    spec: RunSpec,
+    steps: int,
+    margin: float,
+    available_bytes: int | None = None,
+    process_bytes: int | None = None,
+) -> dict[str, Any]:
     """Predict ``spec``'s peak; run it in a fresh process if it fits, else keep the prediction and the reason.
+
+    The prediction starts from ``process_bytes``, a fresh measuring process's
+    resident set (None: measured on this machine, ``process_baseline_bytes``),
+    and is compared with ``available_bytes`` (None: available now).
 
     The row holds the shape and its parameters, the method's name, the
     prediction (``predicted_bytes``), and for a run that ran its measured peak
@@ -47,7 +58,12 @@ def run_or_predict(spec: RunSpec, steps: int, margin: float, available_bytes: in
     file-backed parts, the step time and the relative error of the
     prediction; ``line`` is one sentence to print.
     """
-    estimate = estimate_peak(spec)
+    if steps < 1:
+        raise UserInputError(
+            f"A ladder run trains at least one step, got {steps}; to measure a load alone, call "
+            "scale_runs.measure_in_fresh_process(spec, 0)."
+        )
+    estimate = estimate_peak(spec, process_baseline_bytes() if process_bytes is None else process_bytes)
     available = psutil.virtual_memory().available if available_bytes is None else available_bytes
     verdict = check_fits(estimate, available, margin)
     row: dict[str, Any] = {
@@ -66,7 +82,7 @@ def run_or_predict(spec: RunSpec, steps: int, margin: float, available_bytes: in
     }
     if not verdict.fits:
         return {**row, "line": verdict.message}
-    run = measure_in_fresh_process(spec, steps)
+    run = measure_in_fresh_process(spec, steps, margin=margin)
     measured = run["peak_bytes"]
     error = (estimate.total_bytes - measured) / measured
     row.update(

@@ -145,7 +145,8 @@ def measure_command(arguments: argparse.Namespace) -> int:
 
     spec = run_spec(arguments)
     check_spec(spec, arguments.steps, quantize_while_loading=arguments.quantize_while_loading)
-    estimate = refuse_if_not_fits(spec, available_bytes(), arguments.margin)
+    here = psutil.Process().memory_info().rss  # this process before any weight: the estimate's runtime part
+    estimate = refuse_if_not_fits(spec, available_bytes(), arguments.margin, process_bytes=here)
     results = measure_run(
         spec,
         arguments.steps,

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 from contextlib import nullcontext
+from functools import cache
 from pathlib import Path
 from statistics import median
 from time import perf_counter
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from peft import LoraConfig
 from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from qlora_tutorial.cpu_packing import cpu_lists_avx512_bf16, keep_standard_layout
 from qlora_tutorial.decoder import ALL_LINEAR_TARGETS
@@ -50,6 +52,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # glibc serves blocks of 1 MiB and more with their own mapping, returned when freed: without it, glibc's dynamic
 # threshold rises after the first large free and freed holes stay resident, so identical runs peak 0-50% apart.
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+# What `python -m qlora_tutorial measure` has imported when it checks the estimate, and its resident set then
+BASELINE_PROGRAM = (
+    "import psutil, qlora_tutorial.__main__, qlora_tutorial.scale_runs; print(psutil.Process().memory_info().rss)"
+)
 
 
 def cpu_compute_dtype() -> str:
@@ -65,6 +71,24 @@ def cpu_compute_dtype() -> str:
     fp32 is the choice there. Notebook 09 runs both on a CPU that has it.
     """
     return "bf16" if cpu_lists_avx512_bf16() else "fp32"
+
+
+@cache
+def process_baseline_bytes() -> int:
+    """The resident set of a fresh measuring process before it builds anything, measured once on this machine.
+
+    The estimator's CPU ``runtime`` part starts from it
+    (``estimator.estimate_peak(spec, process_bytes)``): the same imports take
+    a different number of pages on another CPU, operating system or library
+    build, and on a tiny shape this part is nearly the whole peak. The child
+    has the measured runs' environment (``FIXED_MMAP_THRESHOLD``).
+    """
+    environment = {**os.environ, **FIXED_MMAP_THRESHOLD}
+    command = [sys.executable, "-c", BASELINE_PROGRAM]
+    finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
+    if finished.returncode != 0:
+        raise RuntimeError(f"Measuring a fresh process failed (exit {finished.returncode}):\n{finished.stderr}")
+    return int(finished.stdout.split()[-1])
 
 
 def scale_spec(shape: DecoderShape, method: str, *, compute_dtype: str | None = None, **fields: Any) -> RunSpec:
@@ -93,12 +117,26 @@ def scale_lora_config(rank: int) -> LoraConfig:
 def random_model(spec: RunSpec, dtype: torch.dtype) -> PreTrainedModel:
     """A model of ``spec.shape`` with seeded random weights at ``dtype``, on the CPU.
 
-    transformers initialises every linear and embedding weight with
-    ``normal_``, which writes every page: the weights are resident (anonymous
-    memory) before training starts, as loaded weights would be.
+    Built with transformers' own initialisation switched off (``no_init_weights``:
+    it would draw every weight twice, once by torch's layer defaults and once by
+    ``_init_weights``, which costs a minute on a 7B shape), then drawn once as
+    Llama's ``_init_weights`` draws them: every matrix from a normal with the
+    config's ``initializer_range``, every norm weight 1. Drawing writes every
+    page, so the weights are resident (anonymous memory) before training
+    starts, as loaded weights would be. Tied embeddings stay tied.
     """
+    config = spec.shape.llama_config()
+    with no_init_weights():
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
     torch.manual_seed(SEED)
-    return LlamaForCausalLM._from_config(spec.shape.llama_config(), dtype=dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, config.initializer_range)
+            else:
+                parameter.fill_(1.0)
+    model.tie_weights()
+    return model
 
 
 def base_checkpoint(spec: RunSpec, checkpoints: Path, *, quantize_while_loading: bool = False) -> Path | None:
@@ -228,9 +266,19 @@ def measure_run(
 
 
 def measure_command(
-    spec: RunSpec, steps: int, *, quantize_while_loading: bool = False, live_tensors: bool = False
+    spec: RunSpec,
+    steps: int,
+    *,
+    quantize_while_loading: bool = False,
+    live_tensors: bool = False,
+    margin: float | None = None,
 ) -> list[str]:
-    """The ``python -m qlora_tutorial measure`` command that runs ``spec`` for ``steps`` steps in a new process."""
+    """The ``python -m qlora_tutorial measure`` command that runs ``spec`` for ``steps`` steps in a new process.
+
+    ``margin`` is the share of the available memory the child's own check
+    leaves free (None: the command's default), so that the caller and the
+    child decide with the same margin.
+    """
     command = [sys.executable, "-m", "qlora_tutorial", "measure", "--shape", spec.shape.name]
     command += ["--method", spec.method, "--steps", str(steps), "--seq-len", str(spec.seq_len)]
     command += ["--batch-size", str(spec.batch_size), "--lora-r", str(spec.lora_r)]
@@ -241,6 +289,8 @@ def measure_command(
         command.append("--quantize-while-loading")
     if live_tensors:
         command.append("--live-tensors")
+    if margin is not None:
+        command += ["--margin", str(margin)]
     return [*command, "--json"]
 
 
@@ -250,6 +300,7 @@ def measure_in_fresh_process(
     *,
     quantize_while_loading: bool = False,
     live_tensors: bool = False,
+    margin: float | None = None,
     log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``spec`` in a new Python process (:func:`measure_command`) and return its measurements.
@@ -261,7 +312,9 @@ def measure_in_fresh_process(
     The child runs with glibc's mmap threshold fixed at 1 MiB
     (``FIXED_MMAP_THRESHOLD``), so its peak is reproducible.
     """
-    command = measure_command(spec, steps, quantize_while_loading=quantize_while_loading, live_tensors=live_tensors)
+    command = measure_command(
+        spec, steps, quantize_while_loading=quantize_while_loading, live_tensors=live_tensors, margin=margin
+    )
     environment = {**os.environ, **FIXED_MMAP_THRESHOLD}
     finished = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if log_path is not None:
