@@ -13,7 +13,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
-from notebook_io import series  # noqa: E402
+from notebook_io import clean, series  # noqa: E402
 
 NOTEBOOKS = series()
 CONFIG = yaml.safe_load((REPO / "book" / "_config.yml").read_text(encoding="utf-8"))
@@ -150,6 +150,7 @@ NOISE = {
     "an ANSI escape code": re.compile(r"\x1b\["),
     "an object repr instead of a table": re.compile(r"<pandas\.io\.formats\.style\.Styler at 0x"),
 }
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 PROGRESS_BAR = re.compile(r"\d+%\|[█▏▎▍▌▋▊▉ ]*\|")  # a bar printed as text (in Jupyter, ipywidgets draws it)
 
 
@@ -173,4 +174,16 @@ def test_outputs_hold_nothing_a_learner_should_not_read(path: Path) -> None:
     streams = ["".join(o.get("text", "")) for c in notebook.cells for o in c.get("outputs", []) if "text" in o]
     if any(PROGRESS_BAR.search(text) for text in streams):
         found.add("a progress bar dumped as text")
+    if any(WIDGET_VIEW in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", [])):
+        found.add("a widget (a progress bar frozen at its first frame: its state is not saved)")
     assert not found, f"{path.name}: committed outputs hold {', '.join(sorted(found))}; silence or fix it, then rerun"
+
+
+def test_cleaning_drops_widget_outputs_and_keeps_the_rest() -> None:
+    bar = nbformat.v4.new_output(
+        "display_data", data={WIDGET_VIEW: {"model_id": "x"}, "text/plain": "Tokenizing:   0%|          | 0/8"}
+    )
+    printed = nbformat.v4.new_output("stream", name="stdout", text="tokenized 8 rows\n")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("tokenize()", outputs=[bar, printed])])
+    cleaned = clean(notebook)
+    assert cleaned.cells[0].outputs == [printed] and cleaned.cells[0].execution_count == 1

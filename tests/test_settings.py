@@ -1,4 +1,5 @@
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,10 @@ def test_a_device_this_machine_lacks_is_refused(without_cuda):
         load_settings("smoke", device="cuda")
     with pytest.raises(UserInputError, match=r"Unknown device 'gpu'\. Use 'cpu' or 'cuda'"):
         load_settings("smoke", device="gpu")
+
+
+def test_the_data_line_says_where_the_data_comes_from_in_words_not_a_machine_path(tmp_path):
+    local = dict(load_settings("smoke", data_dir=tmp_path).rows())["data"]
+    hub = dict(replace(load_settings("smoke", data_dir=tmp_path), data_dir=None).rows())["data"]
+    assert local == "a local copy of fancyzhx/ag_news (the folder --data-dir or QLORA_DATA_DIR names)"
+    assert hub == "the Hugging Face Hub (fancyzhx/ag_news)"

@@ -11,6 +11,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 KEPT_CELL_METADATA = ("tags", "jupyter", "mystnb")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # an ipywidgets output, e.g. a tqdm bar
 
 
 def series() -> list[Path]:
@@ -19,16 +20,22 @@ def series() -> list[Path]:
 
 
 def clean(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Renumber execution counts 1, 2, 3... in cell order and drop run metadata.
+    """Renumber execution counts 1, 2, 3... in cell order, drop run metadata and widget outputs.
 
     A committed notebook then differs only where outputs do. The counts stay
     (as a clean top-to-bottom run would have them) because nbval treats a cell
     without one as never run: it fails such a cell when it has outputs and
     never compares its outputs, so ``# NBVAL_CHECK_OUTPUT`` would check nothing.
+    Widget outputs are the progress bars tqdm draws in Jupyter (tokenizing,
+    loading weights): their state is not saved, so GitHub and the book would
+    show each frozen at 0%, which reads as a stalled run; a learner running the
+    notebook still sees them move.
     """
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     for cell in notebook.cells:
         cell.metadata = {key: value for key, value in cell.metadata.items() if key in KEPT_CELL_METADATA}
+        if cell.cell_type == "code":
+            cell.outputs = [output for output in cell.outputs if WIDGET_VIEW not in output.get("data", {})]
     for number, cell in enumerate(code_cells, start=1):
         cell.execution_count = number
         for output in cell.outputs:

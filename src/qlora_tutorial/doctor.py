@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from qlora_tutorial.settings import PROFILE_ENV, compute_dtype_reason, display_path, load_settings, source_checkout
+from qlora_tutorial.settings import PROFILE_ENV, compute_dtype_reason, load_settings, source_checkout
 from qlora_tutorial.training import library_versions
 
 ROUND_TRIP_TOLERANCE = 0.2
@@ -138,8 +138,7 @@ def profile_check() -> Check:
     except (ValueError, FileNotFoundError) as error:
         return Check("profile", str(error), False)
     dtype = str(settings.compute_dtype).removeprefix("torch.")
-    data = display_path(settings.data_dir) if settings.data_dir else "the Hugging Face Hub"
-    return Check("profile", f"{settings.profile.name} ({dtype} compute, data from {data})", True)
+    return Check("profile", f"{settings.profile.name} ({dtype} compute, data from {settings.data_source})", True)
 
 
 def run_checks() -> list[Check]:

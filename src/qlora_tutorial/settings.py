@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qlora_tutorial.errors import MissingInputError, UserInputError
-from qlora_tutorial.sources import BERT_BASE_MODEL, BERT_BASE_REVISION, PACKAGED_MINILM, check_model_name
+from qlora_tutorial.sources import BERT_BASE_MODEL, BERT_BASE_REVISION, HUB_DATASET, PACKAGED_MINILM, check_model_name
 
 PROFILE_ENV = "QLORA_PROFILE"
 MODEL_ENV = "QLORA_MODEL"
@@ -118,13 +118,23 @@ class Settings:
         """Where a run called ``name`` keeps its adapter and results, one folder per profile."""
         return self.runs_dir / self.profile.name / name
 
+    @property
+    def data_source(self) -> str:
+        """Where the data comes from, in words a reader of any copy can follow (no machine's folder).
+
+        A notebook's printed settings are read in the book too, where a path such
+        as ``../shared/data/ag_news`` names a folder the reader does not have.
+        """
+        if self.data_dir is None:
+            return f"the Hugging Face Hub ({HUB_DATASET})"
+        return f"a local copy of {HUB_DATASET} (the folder --data-dir or {DATA_DIR_ENV} names)"
+
     def rows(self) -> list[tuple[str, str]]:
         """The settings as (name, value) pairs, for a small table."""
-        source = display_path(self.data_dir) if self.data_dir else "Hugging Face Hub (fancyzhx/ag_news)"
         pairs = [
             ("profile", f"{self.profile.name} ({self.profile.purpose})"),
             ("model", self.model_name + (f" @ {self.model_revision[:10]}" if self.model_revision else "")),
-            ("data", source),
+            ("data", self.data_source),
             ("device", self.device),
             ("compute dtype", str(self.compute_dtype).removeprefix("torch.")),
             ("optimizer", self.optimizer),
