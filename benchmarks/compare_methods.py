@@ -1,7 +1,7 @@
 """Full fine-tuning vs LoRA vs QLoRA vs all-linear QLoRA, and the reference recipe vs ours: ``make benchmark``.
 
 Not run by CI. The same comparison as notebook 06 (``qlora_tutorial.comparison``:
-every method trained in its own process, speed judged by paired tests), on the
+every method trained in its own process; ``verdicts``: speed judged by paired tests), on the
 profile's budget (``QLORA_PROFILE``): where notebook 06 already measured it on
 this budget (``runs/<profile>/comparison/comparison.json``), those very rows
 are reported, so the README and the notebook state one run; then the recipe
@@ -27,20 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlora_tutorial.comparison import (
-    budget_for,
-    compare_methods,
-    compare_recipes,
-    load_comparison,
-    markdown_table,
-    recipe_summary,
-    row_to_json,
-    verdict_table,
-    verdicts,
-)
+from qlora_tutorial.comparison import budget_for, compare_methods, load_comparison, row_to_json
+from qlora_tutorial.comparison_tables import markdown_table, verdict_table
 from qlora_tutorial.cpu_packing import CPU_FLAG, cpu_lists_avx512_bf16
+from qlora_tutorial.recipes import compare_recipes, recipe_summary
 from qlora_tutorial.settings import load_settings
 from qlora_tutorial.training import library_versions, settings_record
+from qlora_tutorial.verdicts import verdicts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

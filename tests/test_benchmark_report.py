@@ -12,9 +12,10 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from test_verdicts import recipe_runs, rows
+from test_recipes import recipe_runs
+from test_verdicts import rows
 
-from qlora_tutorial.comparison import compare_recipe_runs
+from qlora_tutorial.recipes import compare_recipe_runs
 from qlora_tutorial.uncertainty import spread
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_methods.py"

@@ -1,6 +1,7 @@
+import json
 import re
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from qlora_tutorial.comparison import (
     comparison_row,
     load_comparison,
     load_for_inference,
+    longer_qlora_run,
     reusable_run,
     run_logged,
     save_comparison,
@@ -29,21 +31,12 @@ from qlora_tutorial.comparison import (
     train_method,
     trained_on_budget,
     trained_results,
-    validation_curve,
 )
 from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.inference import predict_proba
 from qlora_tutorial.modeling import Precision, load_tokenizer
 from qlora_tutorial.settings import PROFILES, Settings, load_settings, with_profile_changes
 from qlora_tutorial.uncertainty import Interval, spread
-
-
-def history(evaluations, steps=10):
-    """A log_history with evaluations during training, the train summary, then the pipeline's final one."""
-    entries = [{"step": step, "eval_accuracy": accuracy} for step, accuracy in evaluations]
-    entries.append({"step": steps, "train_runtime": 100.0})
-    entries.append({"step": steps, "eval_accuracy": 0.99})
-    return {"log_history": entries, "train_steps": steps}
 
 
 def test_methods_have_distinct_folders_and_labels():
@@ -177,10 +170,6 @@ def test_a_method_trains_in_its_own_process_with_the_parents_settings(tiny_setti
     assert predict_proba(model, load_tokenizer(tiny_settings), ["a short headline"]).shape == (1, 4)
 
 
-def test_validation_curve_stops_at_the_end_of_training():
-    assert validation_curve(history([(2, 0.5), (4, 0.7)])) == [(2, 0.5), (4, 0.7)]
-
-
 def test_a_saved_comparison_comes_back_only_for_its_own_settings_and_budget(tmp_path: Path):
     settings, budget = load_settings("smoke"), BUDGETS["smoke"]
     rows = [
@@ -203,3 +192,31 @@ def test_a_saved_comparison_comes_back_only_for_its_own_settings_and_budget(tmp_
     assert loaded[0]["correct"].tolist() == [True, False, True] and loaded[1]["latency_ms"] == rows[1]["latency_ms"]
     assert load_comparison(tmp_path, settings, replace(budget, max_steps=5)) is None
     assert load_comparison(tmp_path / "elsewhere", settings, budget) is None
+
+
+def test_notebook_04s_longer_run_is_read_only_where_it_scored_the_same_rows_on_the_same_recipe(
+    tiny_settings: Settings, tmp_path: Path
+):
+    settings, budget = replace(tiny_settings, runs_dir=tmp_path), BUDGETS["smoke"]
+    assert longer_qlora_run(settings, budget) is None  # 04 has not run
+    labels = scored_labels(settings, budget)
+    predictions = labels.copy()
+    predictions[:3] = (labels[:3] + 1) % 4  # three rows wrong
+    folder = settings.run_dir("qlora")
+    folder.mkdir(parents=True)
+
+    def record(steps: int, model_name: str = settings.model_name, rows: int = len(labels)) -> None:
+        recorded = {"profile": asdict(settings.profile), "model_name": model_name}
+        results = {"train_steps": steps, "test_predictions": predictions[:rows].tolist(), "settings": recorded}
+        (folder / "results.json").write_text(json.dumps(results))
+
+    record(budget.max_steps * 2)
+    steps, correct = longer_qlora_run(settings, budget)
+    assert steps == budget.max_steps * 2 and correct.sum() == len(labels) - 3
+    for not_comparable in (
+        dict(steps=budget.max_steps),
+        dict(steps=99, model_name="another-model"),
+        dict(steps=99, rows=len(labels) - 1),
+    ):
+        record(**not_comparable)
+        assert longer_qlora_run(settings, budget) is None, not_comparable

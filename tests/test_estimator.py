@@ -118,6 +118,27 @@ def test_a_gpu_run_counts_the_cuda_context_not_the_python_process():
     assert gpu.parts["runtime"] == estimator.CUDA_CONTEXT_BYTES != cpu.parts["runtime"]
 
 
+def test_the_cpu_runtime_starts_from_the_process_given_and_nothing_else_moves():
+    spec = RunSpec(TINY, "qlora")
+    default, measured = estimate_peak(spec), estimate_peak(spec, 700 * estimator.MIB)
+    assert default.parts["runtime"] == estimator.RUNTIME_BYTES + estimator.TRAINING_OVERHEAD_BYTES
+    assert measured.parts["runtime"] == 700 * estimator.MIB + estimator.TRAINING_OVERHEAD_BYTES
+    assert {**measured.parts, "runtime": 0} == {**default.parts, "runtime": 0}
+
+
+def test_a_gpu_run_ignores_the_cpu_process():
+    spec = RunSpec(TINY, "qlora", compute_dtype="bf16", device="cuda")
+    assert estimate_peak(spec, 700 * estimator.MIB).parts == estimate_peak(spec).parts
+
+
+@pytest.mark.parametrize("process_bytes", [0, -1])
+def test_a_process_without_a_resident_set_is_refused(process_bytes: int):
+    with pytest.raises(UserInputError, match=rf"resident set must be positive, got {process_bytes} bytes"):
+        estimate_peak(RunSpec(TINY, "full"), process_bytes)
+    with pytest.raises(UserInputError, match="resident set must be positive"):
+        refuse_if_not_fits(RunSpec(TINY, "full"), 64 * GIB, process_bytes=process_bytes)
+
+
 def test_every_recorded_run_is_predicted_within_15_percent():
     recorded = json.loads(CALIBRATION.read_text())
     assert len(recorded["runs"]) >= 20
@@ -186,11 +207,20 @@ def test_a_run_that_would_not_fit_is_refused_with_the_numbers(monkeypatch):
     assert refuse_if_not_fits(spec).total_bytes == estimate_peak(spec).total_bytes
 
 
+def test_the_refusal_counts_the_process_given_byte_for_byte():
+    spec = RunSpec(TINY, "lora-fp32")
+    needed = estimate_peak(spec, 500 * estimator.MIB).total_bytes
+    fits = refuse_if_not_fits(spec, needed, margin=0, process_bytes=500 * estimator.MIB)
+    assert fits.parts["runtime"] == 500 * estimator.MIB + estimator.TRAINING_OVERHEAD_BYTES
+    with pytest.raises(RunWouldNotFit, match="LoRA on an fp32 base of tiny-llama needs"):
+        refuse_if_not_fits(spec, needed, margin=0, process_bytes=500 * estimator.MIB + 1)
+
+
 def test_gpus_are_their_usable_memory_and_names_are_forgiving():
     t4 = get_gpu("t4")
     assert t4.usable_gib == pytest.approx(15_095 / 1024, abs=0.005)  # torch: total_memory=15095MB (MiB)
     assert t4.usable_bytes < 15_360 * 2**20 < 16 * GIB  # nvidia-smi's figure, then the label
     assert get_gpu("A100-40GB") is GPUS["A100 40GB"] and get_gpu("a100_80gb") is GPUS["A100 80GB"]
     assert all(gpu.usable_gib < float(gpu.sold_as.split()[0]) for gpu in GPUS.values())
-    with pytest.raises(UserInputError, match=r"Unknown GPU 'V100'\. Known GPUs: T4, L4, A10G, A100 40GB"):
+    with pytest.raises(UserInputError, match=r"Unknown GPU 'V100'\. Known GPUs: T4, L4, A10G, RTX 4090, A100 40GB"):
         get_gpu("V100")

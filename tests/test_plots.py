@@ -13,7 +13,7 @@ import pytest
 
 from qlora_tutorial import plots
 from qlora_tutorial.data import LABEL_NAMES
-from qlora_tutorial.projection import LLAMA_SHAPES, PAPER_65B_QLORA_BOUND_GB
+from qlora_tutorial.projection import LLAMA_SHAPES, PAPER_65B_GPU, usable_gib
 from qlora_tutorial.uncertainty import Interval
 
 HISTORY = [
@@ -83,9 +83,10 @@ FIGURES = {
             {"method": "merged", "latency_ms": None},
         ],
         "t",
+        validation_rows=800,
     ),
     "projection": lambda: plots.plot_memory_projection(
-        SIZES, {"QLoRA": [1.8, 6.4, 47.3], "full": [21.5, 107.8, 1044.6]}, {"T4": 16.0, "A100 40GB": 40.0}, "t"
+        SIZES, {"QLoRA": [1.8, 6.4, 47.3], "full": [21.5, 107.8, 1044.6]}, ["T4", "A100 40GB"], "t"
     ),
 }
 
@@ -189,10 +190,19 @@ def test_method_comparison_gives_each_measure_its_own_axis_and_a_legend_off_the_
     heights = [bar.get_height() for bar in peak.patches]
     assert heights == [1700.0, 0.0, 0.0], "only a peak that compares gets a bar"
     assert [text.get_text() for text in peak.texts] == ["1700", "not its own", "not comparable\n(other baseline)"]
-    assert len(accuracy.patches) == 6 and accuracy.get_ylim()[0] == 0
     legend = accuracy.get_legend().get_window_extent()
-    assert not any(overlaps(legend, bar.get_window_extent()) for bar in accuracy.patches)
-    assert legend.y1 <= accuracy.get_window_extent().y0, "the legend sits below the plot, not over the bars"
+    assert legend.y1 <= accuracy.get_window_extent().y0, "the legend sits below the plot, not over the points"
+
+
+@pytest.mark.parametrize("figure", ["methods"], indirect=True)
+def test_method_comparison_zooms_the_accuracy_axis_to_the_intervals(figure):
+    """A point of accuracy must be visible: the axis spans the intervals (validation's of 800 rows included)."""
+    accuracy = figure.axes[2]
+    low, high = accuracy.get_ylim()
+    validation_low = 0.7 - 0.04  # Wilson's 95% interval of 70% on 800 rows reaches about 3 points below it
+    assert 0.6 < low < validation_low and 0.73 < high < 0.8
+    assert "zoomed" in accuracy.get_ylabel()
+    assert {"70.0%", "71.0%"} <= {text.get_text() for text in accuracy.texts}
 
 
 @pytest.mark.parametrize("figure", ["projection"], indirect=True)
@@ -201,7 +211,11 @@ def test_projection_places_models_at_their_parameter_counts_with_a_48_gb_line(fi
     assert axis.get_xscale() == "log" and axis.get_yscale() == "log"
     qlora = next(line for line in axis.get_lines() if line.get_label() == "QLoRA")
     assert list(qlora.get_xdata()) == [LLAMA_SHAPES[size].parameters for size in SIZES]
-    assert PAPER_65B_QLORA_BOUND_GB in horizontal_lines(axis)
+    assert usable_gib(PAPER_65B_GPU) in horizontal_lines(axis), "the paper's 48 GB GPU, at its usable memory"
+    assert usable_gib("T4") in horizontal_lines(axis) and 16.0 not in horizontal_lines(axis)
+    low, high = axis.get_ylim()
+    shown = [label.get_text() for label in axis.get_yticklabels() if low <= label.get_position()[1] <= high]
+    assert shown == ["2", "5", "10", "20", "50", "100", "200", "500", "1000"], "1, 2, 5 per power of ten, plain"
     labels = [text.get_window_extent() for text in axis.texts]
     assert len(labels) == 3 and not any(overlaps(a, b) for a, b in combinations(labels, 2))
     ticks = [label.get_window_extent() for label in axis.get_xticklabels() if label.get_text()]

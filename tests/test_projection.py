@@ -3,21 +3,24 @@ import pytest
 import torch
 
 from qlora_tutorial.errors import UserInputError
+from qlora_tutorial.estimator import GPUS
 from qlora_tutorial.memory import quant_state_bytes as measured_quant_state_bytes
 from qlora_tutorial.memory import tensor_bytes
 from qlora_tutorial.projection import (
     ASSUMPTION_VARIANTS,
     GB,
     GIB,
-    GPU_MEMORY_GIB,
     LLAMA2_70B,
     LLAMA_SHAPES,
     METHODS,
     NF4_CODE_BITS,
     NF4_DQ_BITS,
     PAPER_65B_FULL_16BIT_GB,
+    PAPER_65B_GPU,
     PAPER_65B_QLORA_BOUND_GB,
+    PROJECTION_GPUS,
     QUANT_STATE_BITS,
+    SCALE_OUT_GPUS,
     SCALE_OUT_RANKS,
     ModelShape,
     assumption_table,
@@ -29,6 +32,7 @@ from qlora_tutorial.projection import (
     projection_table,
     quant_state_bytes,
     training_bytes,
+    usable_gib,
 )
 
 
@@ -80,7 +84,7 @@ def test_lora_parameters_follow_rank_times_fan_in_plus_fan_out():
 def test_smallest_gpu_column_lists_the_papers_48_gb_gpu_for_65b():
     table = projection_table(project_all())
     assert table.splitlines()[-1].startswith("| 65B |")
-    assert table.splitlines()[-1].endswith("| RTX A6000 48GB |")
+    assert table.splitlines()[-1].endswith(f"| {PAPER_65B_GPU} |")
 
 
 def test_each_paper_claim_holds_under_its_own_byte_assumption_and_not_under_the_others():
@@ -119,33 +123,43 @@ def test_non_positive_parameter_count_is_refused(count):
 def test_unknown_method_and_gpu_and_rank_are_refused():
     with pytest.raises(ValueError, match="Unknown method 'DoRA'"):
         training_bytes("DoRA", 10, 10, 10)
-    with pytest.raises(UserInputError, match="Known GPUs: " + ", ".join(GPU_MEMORY_GIB)):
+    with pytest.raises(UserInputError, match="Known GPUs: " + ", ".join(GPUS)):
         project("7B", METHODS[2]).fits("V100")
     with pytest.raises(ValueError, match="rank must be positive"):
         project("7B", METHODS[2], rank=0)
 
 
-# GPU memory is binary: a "48 GB" card holds 48 GiB. Each verdict below flipped when need (decimal GB) was compared
-# with capacity as if it were decimal too.
+# Need and capacity are both in GiB, and the capacity is what a program can allocate (estimator.GPUS). Each verdict
+# below flips when need in decimal GB is set against that capacity.
 @pytest.mark.parametrize(
     ("model", "method", "gpu"),
     [
-        (get_shape("7B"), METHODS[0], "A100 80GB"),  # 80.9 GB = 75.3 GiB
-        (ModelShape("3B", hidden=3200, layers=26, intermediate=8640), METHODS[0], "A100 40GB"),  # 41.1 GB = 38.3 GiB
+        (get_shape("7B"), METHODS[0], "A100 80GB"),  # 80.9 GB = 75.3 GiB, of 79.15 GiB
+        (ModelShape("3B", hidden=3200, layers=26, intermediate=8640), METHODS[0], "A100 40GB"),  # 38.3 of 39.38 GiB
     ],
 )
 def test_gpu_capacities_are_compared_in_gib(model, method, gpu):
     projection = project(model, method)
-    assert projection.gb > GPU_MEMORY_GIB[gpu] > projection.gib
+    assert projection.gb > usable_gib(gpu) > projection.gib
     assert projection.gib == projection.bytes / GIB
     assert projection.fits(gpu)
 
 
-def test_65b_with_this_series_fp32_upcast_still_fits_a_48_gib_gpu():
+def test_fits_compares_with_the_usable_memory_not_the_size_a_card_is_sold_as():
+    """1.3B full fine-tuning needs 15.04 GiB: under the 16 GB a T4 is sold as, over the 14.74 GiB CUDA gives."""
+    projection = project("1.3B", METHODS[0])
+    assert GPUS["T4"].usable_gib < projection.gib < float(GPUS["T4"].sold_as.split()[0])
+    assert not projection.fits("T4")
+    assert usable_gib("a100-80gb") == GPUS["A100 80GB"].usable_gib
+    assert all(gpu in GPUS for gpu in (*PROJECTION_GPUS, *SCALE_OUT_GPUS, PAPER_65B_GPU))
+
+
+def test_65b_with_this_series_fp32_upcast_still_fits_the_papers_48_gb_gpu():
     shape = get_shape("65B")
     series = ASSUMPTION_VARIANTS[-1].bytes_for(shape.linear_parameters, shape.other_parameters, shape.lora_parameters())
     assert series / GB == pytest.approx(48.3, abs=0.05) and series / GIB == pytest.approx(45.0, abs=0.05)
-    assert series / GB > PAPER_65B_QLORA_BOUND_GB > series / GIB  # over the paper's figure, under the card
+    assert series / GB > PAPER_65B_QLORA_BOUND_GB  # over the paper's figure
+    assert series / GIB < usable_gib(PAPER_65B_GPU)  # under what a 48 GB RTX A6000 lets a program allocate
 
 
 def test_projection_table_is_in_gib():
@@ -174,7 +188,7 @@ def test_fsdp_shards_everything_but_the_quantization_state():
     assert state / GB == pytest.approx(1.09, abs=0.005)
     assert quant_state_bytes(LLAMA2_70B, METHODS[0]) == quant_state_bytes(LLAMA2_70B, METHODS[1]) == 0
     gib = {n: per_rank_bytes(LLAMA2_70B, qlora, n, "FSDP") / GIB for n in SCALE_OUT_RANKS}
-    assert gib[2] == pytest.approx(23.88, abs=0.005)  # 25.64 GB: under 24 GiB, barely; 25.13 GB without the state
+    assert gib[2] == pytest.approx(23.88, abs=0.005)  # 25.64 GB, over a 4090's 23.68 GiB; 25.13 GB sans state
     assert gib[4] == pytest.approx(13.35, abs=0.005) and gib[8] == pytest.approx(8.09, abs=0.005)
     # every extra rank holds the whole state again, on top of its share
     sharded_alone = {n: gib[n] - state / GIB * (1 - 1 / n) for n in (2, 4, 8)}

@@ -5,12 +5,12 @@ from qlora_tutorial.uncertainty import (
     NOT_SETTLED,
     Spread,
     accuracy_interval,
-    faster,
     faster_paired,
     macro_f1_interval,
     mcnemar,
     more_accurate,
     paired_times,
+    proportion_interval,
     smaller,
     spread,
 )
@@ -32,6 +32,13 @@ def test_wilson_interval_stays_inside_zero_and_one_and_narrows_with_more_rows():
 def test_accuracy_interval_refuses_no_rows():
     with pytest.raises(ValueError, match="one correctness flag per test row"):
         accuracy_interval([])
+
+
+def test_a_share_and_its_row_count_give_the_same_interval_as_the_rows():
+    """The validation accuracy is kept as a number: its count of rows is all the interval needs."""
+    assert proportion_interval(0.7, 800) == accuracy_interval([True] * 560 + [False] * 240)
+    with pytest.raises(ValueError, match="at least one row"):
+        proportion_interval(0.5, 0)
 
 
 def test_macro_f1_interval_brackets_the_estimate_and_reproduces():
@@ -72,13 +79,6 @@ def test_spread_is_median_and_quartiles():
     assert spread([1, 2, 3, 4, 100]) == Spread(median=3.0, q1=2.0, q3=4.0, count=5)
     with pytest.raises(ValueError, match="No measurements"):
         spread([])
-
-
-def test_faster_needs_separate_interquartile_ranges():
-    quick, slow, overlapping = Spread(1.0, 0.9, 1.1, 9), Spread(2.0, 1.8, 2.2, 9), Spread(1.5, 1.0, 2.0, 9)
-    assert faster(quick, slow, "A", "B") == "A faster"
-    assert faster(slow, quick, "A", "B") == "B faster"
-    assert faster(quick, overlapping, "A", "B") == NOT_SETTLED
 
 
 def test_a_paired_test_finds_a_small_steady_difference_that_overlapping_ranges_hide():

@@ -3,8 +3,10 @@
 Every function names the notebook that uses it. They only draw what they are
 given: the numbers come from the other modules. The axes are chosen so that a
 figure cannot overstate a result: bars and losses start at zero (or the chance
-level is drawn), a scale is linear unless the data span powers of ten, and a
-log scale is said in the axis label.
+level is drawn); accuracies that differ by a point are drawn as points with
+their 95% intervals on an axis zoomed to them, said in the axis label, so that
+the eye compares intervals, not bar heights; a scale is linear unless the data
+span powers of ten, and a log scale is said in the axis label.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator, PercentFormatter
 from sklearn.metrics import confusion_matrix
 
 from qlora_tutorial.comparison import comparable_peak_rows
 from qlora_tutorial.data import LABEL_NAMES
-from qlora_tutorial.projection import PAPER_65B_QLORA_BOUND_GB, get_shape
+from qlora_tutorial.projection import PAPER_65B_GPU, get_shape, usable_gib
 from qlora_tutorial.quantization import bits_per_parameter
+from qlora_tutorial.uncertainty import Interval, proportion_interval
 
 # Cross-entropy of a uniform guess over the topics (ln 4 = 1.386 nats): a loss at this line has learned nothing.
 CHANCE_LOSS = math.log(len(LABEL_NAMES))
 CHANCE_ACCURACY = 1 / len(LABEL_NAMES)
 # Two reference lines closer than this factor would print their labels over each other (log-scale memory axis).
 _CLOSE_LINES = 1.35
+# A zoomed accuracy axis leaves this share of the intervals' span free above and below them.
+_ZOOM_MARGIN = 0.15
 
 
 def _chance_line(axis: Axes, level: float, text: str) -> None:
@@ -333,16 +338,17 @@ def plot_error_by_block_size(block_sizes: Sequence[int], errors: Mapping[str, Se
     return figure
 
 
-def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> Figure:
-    """Notebook 06: weight memory, peak training memory and accuracy, each on its own axis, one bar group per method.
+def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str, validation_rows: int) -> Figure:
+    """Notebook 06: weight memory, peak training memory and accuracy, each on its own axis, one group per method.
 
-    Each row holds ``method``, ``weight_mib``, ``peak_mib``, ``peak_kind``, ``validation_accuracy`` and
-    ``test_accuracy``, an ``uncertainty.Interval`` drawn with its 95% error bar (``comparison.comparison_row``);
+    Each row holds ``method``, ``weight_mib``, ``peak_mib``, ``peak_kind``, ``validation_accuracy`` (a share of
+    ``validation_rows`` rows) and ``test_accuracy``, an ``uncertainty.Interval`` (``comparison.comparison_row``);
     rows without a test accuracy (inference-only) are left out. Only peaks that compare get a bar
     (``comparison.comparable_peak_rows``): a peak that is not the run's own (``memory.peak_is_own``), or one
     from a run that started from another baseline than a fresh process's, gets only a note saying so.
     Weights and peak memory get separate panels: on one axis the tens of MiB of weights would vanish next to a
-    peak of over a GiB.
+    peak of over a GiB. The accuracies differ by a point or two, which a 0-1 axis hides: they are points with
+    their 95% Wilson intervals, on an axis zoomed to the intervals (``_accuracy_points``).
     """
     rows = comparable_peak_rows([row for row in rows if row.get("test_accuracy") is not None])
     names = [str(row["method"]).replace(" (", "\n(") for row in rows]
@@ -362,23 +368,30 @@ def plot_method_comparison(rows: Sequence[Mapping[str, object]], title: str) -> 
         axis.bar_label(bars, labels=labels, fontsize=8)
         axis.set(ylabel=ylabel, title=subtitle)
         axis.margins(y=0.12)
-    validation = accuracy.bar(x - 0.2, [float(row["validation_accuracy"]) for row in rows], width=0.4)
-    validation.set_label("validation")
+    validation = [proportion_interval(float(row["validation_accuracy"]), validation_rows) for row in rows]
+    _accuracy_points(accuracy, x - 0.15, validation, f"validation ({validation_rows:,} rows)")
     tests = [row["test_accuracy"] for row in rows]
-    below = [test.estimate - test.low for test in tests]
-    above = [test.high - test.estimate for test in tests]
-    test_bars = accuracy.bar(x + 0.2, [test.estimate for test in tests], width=0.4, yerr=[below, above], capsize=3)
-    test_bars.set_label("test (95% interval)")
-    for bars in (validation, test_bars):
-        accuracy.bar_label(bars, fmt="%.3f", fontsize=8, padding=6)
-    _chance_line(accuracy, CHANCE_ACCURACY, f"chance: {CHANCE_ACCURACY:.0%}")
-    accuracy.set_ylim(0, 1.05)
-    accuracy.set(ylabel="accuracy", title="Accuracy")
-    accuracy.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8)
+    _accuracy_points(accuracy, x + 0.15, tests, "test")
+    bounds = [bound for interval in (*validation, *tests) for bound in (interval.low, interval.high)]
+    margin = _ZOOM_MARGIN * (max(bounds) - min(bounds))
+    accuracy.set_ylim(max(0.0, min(bounds) - margin), min(1.0, max(bounds) + margin))
+    accuracy.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    accuracy.set(ylabel="accuracy, 95% interval (axis zoomed to the intervals)", title="Accuracy")
+    accuracy.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
     for axis in (weights, peak, accuracy):
         axis.set_xticks(x, names, fontsize=8)
     figure.suptitle(title)
     return figure
+
+
+def _accuracy_points(axis: Axes, x: np.ndarray, intervals: Sequence[Interval], label: str) -> None:
+    """Accuracies as points with their 95% intervals as error bars, each point's value printed beside it."""
+    estimates = [interval.estimate for interval in intervals]
+    below = [interval.estimate - interval.low for interval in intervals]
+    above = [interval.high - interval.estimate for interval in intervals]
+    axis.errorbar(x, estimates, yerr=[below, above], fmt="o", capsize=3, label=label)
+    for position, estimate in zip(x, estimates, strict=True):
+        axis.annotate(f"{estimate:.1%}", (position, estimate), xytext=(4, 0), textcoords="offset points", fontsize=7)
 
 
 def _memory_line(axis: Axes, memory: float, text: str, above: bool, **style: object) -> None:
@@ -396,29 +409,31 @@ def _memory_line(axis: Axes, memory: float, text: str, above: bool, **style: obj
 
 
 def plot_memory_projection(
-    sizes: Sequence[str], gigabytes: Mapping[str, Sequence[float]], gpus: Mapping[str, float], title: str
+    sizes: Sequence[str], gigabytes: Mapping[str, Sequence[float]], gpus: Sequence[str], title: str
 ) -> Figure:
     """Notebook 06: projected training memory (GiB) against parameter count, one line per method, GPUs as lines.
 
     ``sizes`` are names from ``projection.LLAMA_SHAPES``; each is placed at its
     real parameter count, so both axes are numeric and log scale, and a method
     whose memory is proportional to the parameters is a straight line of slope
-    one. GPUs with the same memory (GiB, ``projection.GPU_MEMORY_GIB``) share a
-    line; the QLoRA paper's 48 GB GPU (65B on one GPU, a 48 GiB card) is drawn
-    too. Labels sit in the right margin, below their line when the next line up
-    is too close.
+    one. Each GPU (a name in ``estimator.GPUS``) is a line at the memory a
+    program can allocate on it (``projection.usable_gib``), not the size it is
+    sold as; GPUs with the same memory share a line. The QLoRA paper's 48 GB
+    GPU (65B on one GPU; ``projection.PAPER_65B_GPU``) is drawn too, in red.
+    Labels sit in the right margin, below their line when the next line up is
+    too close. The memory axis is labelled at 1, 2 and 5 times each power of
+    ten, so a reader can read a need off it.
     """
     parameters = [get_shape(size).parameters for size in sizes]
     figure, axis = plt.subplots(figsize=(10, 5.5), layout="constrained")
     for method, values in gigabytes.items():
         axis.plot(parameters, values, marker="o", label=method)
     names_by_memory: dict[float, list[str]] = {}
-    for gpu, memory in gpus.items():
-        names_by_memory.setdefault(float(memory), []).append(gpu)
-    lines = {memory: f"{' / '.join(names)} ({memory:g} GiB)" for memory, names in names_by_memory.items()}
-    paper = float(PAPER_65B_QLORA_BOUND_GB)
-    paper_text = f"{paper:g} GiB: the QLoRA paper's one GPU for 65B"
-    lines[paper] = f"{lines[paper]}; {paper_text}" if paper in lines else paper_text
+    for gpu in dict.fromkeys([*gpus, PAPER_65B_GPU]):
+        names_by_memory.setdefault(usable_gib(gpu), []).append(gpu)
+    lines = {memory: f"{' / '.join(names)} ({memory:g} GiB usable)" for memory, names in names_by_memory.items()}
+    paper = usable_gib(PAPER_65B_GPU)
+    lines[paper] += "; the QLoRA paper's 48 GB GPU for 65B"
     heights = sorted(lines)
     for index, memory in enumerate(heights):
         above = index + 1 == len(heights) or heights[index + 1] > _CLOSE_LINES * memory
@@ -427,6 +442,9 @@ def plot_memory_projection(
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.xaxis.set_minor_locator(NullLocator())
+    axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.yaxis.set_minor_locator(NullLocator())
     axis.set_xticks(
         parameters, [f"{size}\n({count / 1e9:.2f}B)" for size, count in zip(sizes, parameters, strict=True)]
     )

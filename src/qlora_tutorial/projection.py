@@ -26,11 +26,14 @@ length, and gradient checkpointing trades them for compute. So every figure
 here is a floor a run cannot go below, not a prediction of its peak.
 
 Units: the QLoRA paper's own figures (">780 GB", "under 48 GB") are checked in
-decimal GB (10**9 bytes), as the paper states them. A GPU's memory is binary:
-a "48 GB" RTX A6000 holds 48 GiB (2**30 bytes), as
-``torch.cuda.get_device_properties`` reports it. So every comparison with a
-GPU (``Projection.fits``, the tables) is made in GiB: 48.3 GB is 45.0 GiB,
-which fits a 48 GiB card.
+decimal GB (10**9 bytes), as the paper states them. A GPU's memory is counted
+in GiB (2**30 bytes), and a card holds less than the size it is sold as: a
+"48 GB" RTX A6000 lets a program allocate 47.54 GiB, a "16 GB" T4 14.74 GiB
+(``torch.cuda.get_device_properties`` and PyTorch's out-of-memory message
+report these). So every comparison with a GPU (``Projection.fits``, the
+tables, the plot of notebook 06) is made in GiB against that usable memory,
+``estimator.GPUS``, the series' one list of GPU facts: 48.3 GB is 45.0 GiB,
+which fits the A6000's 47.54 GiB.
 """
 
 from __future__ import annotations
@@ -48,16 +51,21 @@ NF4_DQ_BITS = NF4_CODE_BITS + QUANT_STATE_BITS
 PAPER_65B_QLORA_BOUND_GB = 48  # the paper: 65B fine-tuned on one 48 GB GPU
 PAPER_65B_FULL_16BIT_GB = 780  # the paper: "more than 780 GB" for 16-bit full fine-tuning of 65B
 METHODS = ("16-bit full fine-tuning", "16-bit LoRA", "QLoRA (NF4 + DQ)")
-# Each GPU's memory in GiB: the products are sold as "16 GB", "40GB" and so on and hold that many GiB (the H200's
-# "141 GB" is taken the same way). What a program can allocate is a little less (the CUDA context, ECC on some cards).
-GPU_MEMORY_GIB: dict[str, float] = {
-    "T4": 16,
-    "A100 40GB": 40,
-    "RTX A6000 48GB": 48,
-    "A100 80GB": 80,
-    "H100": 80,
-    "H200": 141,
-}
+# The GPUs notebook 06 sets each projection against, by their names in ``estimator.GPUS``, smallest first; the
+# RTX A6000 is a "48 GB" GPU like the one the QLoRA paper fine-tuned 65B on (PAPER_65B_GPU).
+PROJECTION_GPUS = ("T4", "A100 40GB", "RTX A6000", "A100 80GB", "H100 80GB")
+PAPER_65B_GPU = "RTX A6000"
+
+
+def usable_gib(gpu: str) -> float:
+    """The GiB a program can allocate on ``gpu`` (a name in ``estimator.GPUS``): what every "fits" compares with.
+
+    Not the size the card is sold as: a "16 GB" T4 gives 14.74 GiB, a "24 GB"
+    RTX 4090 23.68 (``estimator.GpuMemory``, with the sources).
+    """
+    from qlora_tutorial.estimator import get_gpu  # imported here: estimator imports this module
+
+    return get_gpu(gpu).usable_gib
 
 
 @dataclass(frozen=True)
@@ -190,10 +198,11 @@ class Projection:
         return self.bytes / GIB
 
     def fits(self, gpu: str) -> bool:
-        """True when the projection (activations excluded) is within the GPU's memory, both in GiB."""
-        if gpu not in GPU_MEMORY_GIB:
-            raise UserInputError(f"Unknown GPU {gpu!r}. Known GPUs: {', '.join(GPU_MEMORY_GIB)}.")
-        return self.gib <= GPU_MEMORY_GIB[gpu]
+        """True when the projection (activations excluded) is within the memory a program can allocate on ``gpu``.
+
+        Both in GiB; ``gpu`` is a name in ``estimator.GPUS`` (``usable_gib``).
+        """
+        return self.gib <= usable_gib(gpu)
 
 
 def project(shape: DecoderShape | str, method: str, rank: int = PAPER_RANK) -> Projection:
@@ -210,7 +219,10 @@ def project_all(rank: int = PAPER_RANK) -> list[Projection]:
 
 
 def projection_table(projections: list[Projection]) -> str:
-    """A Markdown table: one row per model size, one column per method (GiB), then the smallest GPU QLoRA fits."""
+    """A Markdown table: one row per model size, one column per method (GiB), then the smallest GPU QLoRA fits.
+
+    The GPUs are ``PROJECTION_GPUS``, each compared by its usable memory (``usable_gib``).
+    """
     sizes = list(dict.fromkeys(p.model for p in projections))
     by_key = {(p.model, p.method): p for p in projections}
     methods = list(dict.fromkeys(p.method for p in projections))
@@ -220,7 +232,7 @@ def projection_table(projections: list[Projection]) -> str:
         cells = [size, f"{by_key[size, methods[0]].parameters / 1e9:.2f}B"]
         cells += [f"{by_key[size, m].gib:,.1f}" for m in methods]
         qlora = by_key.get((size, METHODS[2]))
-        fitting = [gpu for gpu in GPU_MEMORY_GIB if qlora is not None and qlora.fits(gpu)]
+        fitting = [gpu for gpu in PROJECTION_GPUS if qlora is not None and qlora.fits(gpu)]
         cells.append(fitting[0] if fitting else "none listed")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -237,7 +249,8 @@ def projection_table(projections: list[Projection]) -> str:
 # sharded parameters, their gradients and the optimizer step live in CPU RAM, and a GPU holds only what is gathered
 # and the quantization state. On one GPU DDP is not used; FSDP offload still is (it is the point of it).
 SCALE_OUT_RANKS = (1, 2, 4, 8)
-SCALE_OUT_GPU_GIB = (24, 48, 80)
+# A 24 GB, a 48 GB and an 80 GB card of ``estimator.GPUS``, each compared by the GiB a program can allocate on it.
+SCALE_OUT_GPUS = ("RTX 4090", "RTX A6000", "A100 80GB")
 STRATEGIES = ("DDP", "FSDP", "FSDP offload")
 GATHERED_BLOCKS = 2
 GATHERED_BYTES = 2  # a gathered 16-bit weight (the frozen base of LoRA, LoRA's own weights, the root unit)
@@ -317,7 +330,7 @@ def per_rank_table(
 ) -> tuple[str, dict[tuple[str, str, str, int], float]]:
     """A Markdown table of GiB per GPU: one row per model and (method, strategy), one column per GPU count.
 
-    Each cell names the GPU sizes of ``SCALE_OUT_GPU_GIB`` it fits. Also returns
+    Each cell names the GPUs of ``SCALE_OUT_GPUS`` whose usable memory it fits. Also returns
     the numbers (GiB), keyed by (model, method, strategy, GPUs).
     """
     header = ["model", "method", "strategy", *(f"{n} GPU{'s' if n > 1 else ''}" for n in SCALE_OUT_RANKS)]
@@ -329,7 +342,7 @@ def per_rank_table(
             for ranks in SCALE_OUT_RANKS:
                 gib = per_rank_bytes(shape, method, ranks, strategy, rank) / GIB
                 numbers[name, method, strategy, ranks] = gib
-                fits = [f"{size}" for size in SCALE_OUT_GPU_GIB if gib <= size]
-                cells.append(f"{gib:,.2f} ({', '.join(fits)} GiB)" if fits else f"{gib:,.2f} (none)")
+                fits = [gpu for gpu in SCALE_OUT_GPUS if gib <= usable_gib(gpu)]
+                cells.append(f"{gib:,.2f} ({', '.join(fits) or 'none'})")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), numbers

@@ -91,7 +91,18 @@ def accuracy_interval(correct: Sequence[bool] | np.ndarray, confidence: float = 
     hits = np.asarray(correct, dtype=bool)
     if hits.size == 0:
         raise ValueError("No predictions to score: pass one correctness flag per test row.")
-    n, p = hits.size, float(hits.mean())
+    return proportion_interval(float(hits.mean()), hits.size, confidence)
+
+
+def proportion_interval(proportion: float, count: int, confidence: float = CONFIDENCE) -> Interval:
+    """A share of ``count`` rows (an accuracy) with its Wilson score interval, from the share and the count alone.
+
+    For an accuracy kept only as a number, such as the validation accuracy the
+    ``Trainer`` logs: notebook 06 gives its validation accuracies their intervals this way.
+    """
+    if count < 1 or not 0 <= proportion <= 1:
+        raise ValueError(f"Need a share from 0 to 1 of at least one row, got {proportion} of {count}.")
+    n, p = count, proportion
     z = float(norm.ppf(0.5 + confidence / 2))
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -157,15 +168,6 @@ def spread(values: Sequence[float] | np.ndarray) -> Spread:
     return Spread(float(median), float(q1), float(q3), int(array.size))
 
 
-def faster(first: Spread, second: Spread, first_name: str, second_name: str) -> str:
-    """The verdict on two timings: the faster one only when their interquartile ranges do not overlap."""
-    if first.q3 < second.q1:
-        return f"{first_name} faster"
-    if second.q3 < first.q1:
-        return f"{second_name} faster"
-    return NOT_SETTLED
-
-
 def paired_times(first: Sequence[float] | np.ndarray, second: Sequence[float] | np.ndarray) -> PairedTimes:
     """Wilcoxon's signed-rank test (two-sided) on timings taken in pairs: element ``i`` of each under one condition.
 
@@ -187,7 +189,11 @@ def paired_times(first: Sequence[float] | np.ndarray, second: Sequence[float] | 
 
 
 def faster_paired(test: PairedTimes, first_name: str, second_name: str) -> str:
-    """The verdict on two paired timings: the faster one only when Wilcoxon's test gives p < 0.05."""
+    """The verdict on two paired timings: the faster one only when Wilcoxon's test gives p < 0.05.
+
+    The one timing rule of the series: notebook 05 applies it to its four ways of using an adapter, notebook 06
+    to the methods' steps and latencies.
+    """
     if not test.significant:
         return NOT_SETTLED
     return f"{second_name} faster" if test.first_slower else f"{first_name} faster"
