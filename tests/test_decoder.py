@@ -25,7 +25,6 @@ from transformers import (
 )
 
 from qlora_tutorial import decoder, decoder_pipeline, decoder_shipping
-from qlora_tutorial.__main__ import build_parser
 from qlora_tutorial.chat import ensure_pad_token, prompt_text, topic_answer_ids
 from qlora_tutorial.data import LABEL_NAMES, load_splits
 from qlora_tutorial.decoder import (
@@ -49,7 +48,6 @@ from qlora_tutorial.decoder_pipeline import (
     NoFinalCheckpoint,
     checkpoints,
     decoder_splits,
-    decoder_train_command,
     decoder_training_arguments,
     train_resuming,
 )
@@ -491,23 +489,6 @@ def test_decoder_training_arguments_carry_the_decoders_budget(decoder_settings, 
     assert arguments.include_num_input_tokens_seen == "non_padding"
     assert arguments.activation_checkpointing is True
     assert arguments.seed == decoder_settings.profile.seed and arguments.report_to == []
-
-
-def test_the_train_command_round_trips_through_the_parser(decoder_settings, tiny_profile, tmp_path):
-    command = decoder_train_command(decoder_settings, tiny_profile, tmp_path / "run", "fp32", steps=3)
-    assert command[1:4] == ["-m", "qlora_tutorial", "train-decoder"]
-    arguments = build_parser().parse_args(command[3:])
-    assert arguments.profile == "smoke" and arguments.precision == "fp32"
-    assert arguments.model == tiny_profile.model_name and arguments.revision is None
-    assert arguments.data_dir == str(decoder_settings.data_dir) and arguments.steps == 3
-    assert arguments.output_dir == str(tmp_path / "run") and arguments.gradient_checkpointing is False
-    assert "--no-gradient-checkpointing" in command, "the profile's choice, spelled out for the new process"
-    pinned = decoder_profile(decoder_settings, model_name="HuggingFaceTB/SmolLM2-360M-Instruct", model_revision="abc")
-    again = build_parser().parse_args(
-        decoder_train_command(decoder_settings, pinned, "out", gradient_checkpointing=True)[3:]
-    )
-    assert (again.revision, again.precision, again.steps) == ("abc", "nf4-dq", pinned.steps)
-    assert again.gradient_checkpointing is True
 
 
 class FakeTrainer:

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from qlora_tutorial import memory_cli, scale_runs
-from qlora_tutorial.__main__ import EXIT_USER_ERROR, main
+from qlora_tutorial.__main__ import main
+from qlora_tutorial.cli_types import EXIT_USER_ERROR
 from qlora_tutorial.estimator import get_gpu
 from qlora_tutorial.memory_cli import gpu_compute_dtype
 

@@ -80,12 +80,12 @@ class Slot(NamedTuple):
     notebooks: tuple[str, ...]
 
 
-SLOTS = (
-    Slot("1 · setup, quantization, adapters", 0, 45, ("00", "01", "02", "03")),
-    Slot("2 · training and testing", 45, 45, ("04", "05")),
-    Slot("break", 90, 15, ()),
-    Slot("3 · comparing and scaling", 105, 45, ("06", "07")),
-    Slot("4 · decoders and 7B", 150, 30, ("08", "09")),
+SLOTS = (  # minutes; 00-03 compute for seconds and are read, the later slots are sized to their measured compute
+    Slot("1 · setup, quantization, adapters", 0, 35, ("00", "01", "02", "03")),
+    Slot("2 · training and testing", 35, 40, ("04", "05")),
+    Slot("break", 75, 10, ()),
+    Slot("3 · comparing and scaling", 85, 45, ("06", "07")),
+    Slot("4 · decoders and 7B", 130, 50, ("08", "09")),
 )
 
 

@@ -26,6 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qlora_tutorial.cli_types import (
+    fail,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from qlora_tutorial.decoder_profile import DECODER_MODEL_ENV
 from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.memory_cli import MEMORY_COMMANDS, add_memory_parsers, run_memory_command
@@ -45,49 +53,6 @@ from qlora_tutorial.settings import (
     with_profile_changes,
 )
 from qlora_tutorial.sources import check_model_name
-
-EXIT_USER_ERROR = 2  # as argparse exits for a bad option
-
-
-def positive_int(text: str) -> int:
-    """An ``argparse`` type: an integer above zero."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An ``argparse`` type: an integer of zero or more."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An ``argparse`` type: a number above zero."""
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """An ``argparse`` type: a number of zero or more."""
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """An ``argparse`` type: a number strictly between 0 and 1."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text}")
-    return value
-
 
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
@@ -222,12 +187,6 @@ def settings_from_arguments(arguments: argparse.Namespace) -> Settings:
         arguments.profile, data_dir=arguments.data_dir, model=arguments.model, revision=arguments.revision
     )
     return with_profile_changes(settings, **profile_changes(arguments))
-
-
-def fail(error: Exception) -> int:
-    """Print a mistake in the input as one line on stderr; return the exit status."""
-    print(f"error: {error}", file=sys.stderr)
-    return EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,7 @@
 Taught in notebook 08, which writes the same steps out in its cells, as 04 does
 for the classifier, and reuses this module for what it runs more than once
 (its exercise trains two more adapters). ``python -m qlora_tutorial
-train-decoder`` calls ``train_decoder``; ``decoder_train_command`` writes that
-command, to repeat a run in a fresh process (its own memory baseline).
+train-decoder`` calls ``train_decoder``.
 
 A run saves a checkpoint every ``save_steps`` steps into its output folder;
 started again after an interruption (a Colab runtime that disconnected), it
@@ -15,7 +14,6 @@ once the run finishes: the adapter saved beside them is the result.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -198,30 +196,3 @@ def train_decoder(
     )
     save_results(output_dir, results)
     return results
-
-
-def decoder_train_command(
-    settings: Settings,
-    profile: DecoderProfile,
-    output_dir: str | Path,
-    precision: Precision | str = QLORA_PRECISION,
-    *,
-    steps: int | None = None,
-    gradient_checkpointing: bool | None = None,
-) -> list[str]:
-    """The ``python -m qlora_tutorial train-decoder`` command that repeats a run in a fresh process.
-
-    It names the profile, the data folder, the decoder, the step budget and
-    gradient checkpointing (``None``: the profile's), so the new process
-    trains what this one would, whatever its environment says.
-    """
-    if gradient_checkpointing is None:
-        gradient_checkpointing = profile.gradient_checkpointing
-    command = [sys.executable, "-m", "qlora_tutorial", "train-decoder", "--profile", settings.profile.name]
-    command += ["--model", profile.model_name, "--precision", parse_precision(precision).value]
-    if profile.model_revision is not None:
-        command += ["--revision", profile.model_revision]
-    if settings.data_dir is not None:
-        command += ["--data-dir", str(settings.data_dir)]
-    command += ["--steps", str(steps or profile.steps), "--output-dir", str(output_dir)]
-    return [*command, "--gradient-checkpointing" if gradient_checkpointing else "--no-gradient-checkpointing"]

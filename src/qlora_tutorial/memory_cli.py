@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from qlora_tutorial.cli_types import fail, fraction, non_negative_int, positive_int
 from qlora_tutorial.errors import UserInputError
 from qlora_tutorial.estimator import (
     DTYPE_BYTES,
@@ -51,8 +52,6 @@ def available_bytes() -> int:
 
 def add_run_options(command: argparse.ArgumentParser, *, method_default: str | None) -> None:
     """The options ``measure`` and ``fits`` share: which shape and method, and the batch's size."""
-    from qlora_tutorial.__main__ import positive_int  # imported here: __main__ imports this module
-
     command.add_argument("--shape", required=True, help="a published shape, e.g. llama-2-7b (see shapes.py)")
     command.add_argument(
         "--method",
@@ -75,8 +74,6 @@ def add_run_options(command: argparse.ArgumentParser, *, method_default: str | N
 
 def add_memory_parsers(commands: argparse._SubParsersAction) -> None:
     """Add ``measure`` and ``fits`` to the command line's sub-commands."""
-    from qlora_tutorial.__main__ import fraction, non_negative_int  # imported here: __main__ imports this module
-
     measure = commands.add_parser(
         "measure", help="train a published shape a few steps with random weights and measure its memory (notebook 09)"
     )
@@ -202,8 +199,6 @@ def fits_command(arguments: argparse.Namespace) -> int:
 
 def run_memory_command(arguments: argparse.Namespace) -> int:
     """Run ``measure`` or ``fits``; a mistake in the input, or a run that would not fit, prints one line and exits 2."""
-    from qlora_tutorial.__main__ import fail  # imported here: __main__ imports this module
-
     handler = measure_command if arguments.command == "measure" else fits_command
     try:
         return handler(arguments)
