@@ -63,6 +63,7 @@ from qlora_tutorial.decoder_shipping import (
     save_adapter,
 )
 from qlora_tutorial.errors import UserInputError
+from qlora_tutorial.estimator import FitVerdict, RunWouldNotFit
 from qlora_tutorial.memory import count_parameters
 from qlora_tutorial.modeling import attach_lora
 from qlora_tutorial.settings import Settings, load_settings
@@ -562,3 +563,37 @@ def test_a_run_cut_off_after_a_checkpoint_resumes_there(decoder_settings, tiny_p
     results = decoder_pipeline.train_decoder(decoder_settings, tiny_profile, output)
     assert results["train_steps"] == 4 and len(results["step_seconds"]) == 2, "steps 3 and 4 only"
     assert checkpoints(output) == [] and (output / "adapter_model.safetensors").is_file()
+
+
+def test_the_command_lines_run_trains_at_the_micro_batch_the_estimator_says_fits(
+    decoder_settings, tiny_profile, tmp_path, monkeypatch
+):
+    """As notebook 08 does: the largest batch that fits, gradient accumulation for the rest; none fits, no load."""
+
+    class Stop(Exception):
+        pass
+
+    asked, overrides = [], {}
+
+    def verdicts(spec, available, where):
+        asked.append(spec)
+        return {4: FitVerdict(False, "batch 4 needs too much"), 2: FitVerdict(True, "batch 2 fits")}
+
+    def arguments(settings, profile, output_dir, **changes):
+        overrides.update(changes)
+        raise Stop
+
+    monkeypatch.setattr(decoder_pipeline, "batch_verdicts", verdicts)
+    monkeypatch.setattr(decoder_pipeline, "decoder_training_arguments", arguments)
+    with pytest.raises(Stop):
+        decoder_pipeline.train_decoder(decoder_settings, tiny_profile, tmp_path / "run", gradient_checkpointing=True)
+    assert asked[0].batch_size == tiny_profile.batch_size == 4 and asked[0].gradient_checkpointing is True
+    assert overrides["per_device_train_batch_size"] == 2 and overrides["gradient_accumulation_steps"] == 2
+
+    def no_load(*args, **kwargs):
+        pytest.fail("the model was loaded for a run that does not fit")
+
+    monkeypatch.setattr(decoder_pipeline, "batch_verdicts", lambda *a: {1: FitVerdict(False, "batch 1 needs 9 GiB")})
+    monkeypatch.setattr(decoder_pipeline, "load_decoder", no_load)
+    with pytest.raises(RunWouldNotFit, match=r"batch 1 needs 9 GiB.*more memory"):
+        decoder_pipeline.train_decoder(decoder_settings, tiny_profile, tmp_path / "run")

@@ -14,6 +14,7 @@ once the run finishes: the adapter saved beside them is the result.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 
 from qlora_tutorial.chat import instruction_collator, tokenize_instructions
 from qlora_tutorial.data import load_splits, stratified_indices
-from qlora_tutorial.decoder import attach_decoder_lora, load_decoder, load_decoder_tokenizer
+from qlora_tutorial.decoder import attach_decoder_lora, decoder_config, load_decoder, load_decoder_tokenizer
+from qlora_tutorial.decoder_fit import (
+    available_memory,
+    batch_verdicts,
+    micro_batch_size,
+    shape_from_config,
+    training_spec,
+)
 from qlora_tutorial.decoder_profile import DecoderProfile
 from qlora_tutorial.decoder_shipping import save_adapter
 from qlora_tutorial.modeling import QLORA_PRECISION, Precision, parse_precision
@@ -169,7 +177,11 @@ def train_decoder(
 
     The same steps as notebook 08's cells. ``precision`` fp32 gives LoRA on a
     full-precision base, nf4-dq gives QLoRA. ``gradient_checkpointing``
-    ``None`` keeps the profile's. An interrupted run resumes (``train_resuming``).
+    ``None`` keeps the profile's. As in notebook 08, before the model loads the
+    estimator picks the largest micro-batch that fits the device
+    (``decoder_fit``), and gradient accumulation makes up the profile's batch;
+    none fitting is refused (``RunWouldNotFit``) before anything is allocated.
+    An interrupted run resumes (``train_resuming``).
     """
     precision = parse_precision(precision)
     if gradient_checkpointing is None:
@@ -177,11 +189,21 @@ def train_decoder(
     record = RunRecord(settings)
     tokenizer = load_decoder_tokenizer(settings, profile)
     train = tokenize_instructions(decoder_splits(settings, profile)["train"], tokenizer, profile.max_text_tokens)
+    shape = shape_from_config(decoder_config(settings, profile), profile.model_name)
+    spec = training_spec(settings, profile, shape, max(len(ids) for ids in train["input_ids"]))
+    available, where = available_memory(settings)
+    verdicts = batch_verdicts(replace(spec, gradient_checkpointing=gradient_checkpointing), available, where)
+    micro_batch = micro_batch_size(verdicts)
     model = load_decoder(settings, profile, precision)
     record.measure_weights(model)
     model = attach_decoder_lora(model, settings, profile)
     arguments = decoder_training_arguments(
-        settings, profile, output_dir, activation_checkpointing=gradient_checkpointing
+        settings,
+        profile,
+        output_dir,
+        activation_checkpointing=gradient_checkpointing,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=profile.batch_size // micro_batch,
     )
     trainer = decoder_trainer(model, arguments, train, tokenizer)
     trainer.add_callback(record)
