@@ -28,7 +28,7 @@ import psutil
 from notebook_io import ROOT, execute, series
 from render_times import TIMES_FILE, Entry, Machine, load_times, merge, render_all, save_times
 
-from qlora_tutorial.cpu_packing import CPUINFO, cpu_lists_avx512_bf16
+from qlora_tutorial.cpu_packing import CPU_FLAG, cpu_flags
 from qlora_tutorial.pipeline import format_summary
 from qlora_tutorial.settings import load_settings
 from qlora_tutorial.training import RESULTS_FILE, load_results
@@ -78,15 +78,6 @@ class TreePeak:
         self._thread.join()
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
-    """The flags ``/proc/cpuinfo`` lists (empty where there is none: macOS, Windows)."""
-    try:
-        lines = cpuinfo.read_text().splitlines()
-    except OSError:
-        return set()
-    return {flag for line in lines if line.startswith("flags") for flag in line.partition(":")[2].split()}
-
-
 def machine_facts() -> Machine:
     """Logical CPUs, memory, and whether the CPU lists ``avx2``, ``avx512f`` and ``avx512_bf16``."""
     flags = cpu_flags()
@@ -95,7 +86,7 @@ def machine_facts() -> Machine:
         "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
         "avx2": "avx2" in flags,
         "avx512f": "avx512f" in flags,
-        "avx512_bf16": cpu_lists_avx512_bf16(),
+        "avx512_bf16": CPU_FLAG in flags,
     }
 
 

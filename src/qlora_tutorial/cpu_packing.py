@@ -41,13 +41,18 @@ class PackedWeightsError(RuntimeError):
     """A 4-bit layer was already repacked for CPU inference, so its weights can no longer be trained or merged."""
 
 
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The flags ``/proc/cpuinfo`` lists (empty where there is none: macOS, Windows)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith("flags") for flag in line.partition(":")[2].split()}
+
+
 def cpu_lists_avx512_bf16(cpuinfo: Path = CPUINFO) -> bool:
     """Whether the CPU flags list ``avx512_bf16`` (False where there is no ``/proc/cpuinfo``: macOS, Windows)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    return any(CPU_FLAG in line.split() for line in text.splitlines() if line.startswith("flags"))
+    return CPU_FLAG in cpu_flags(cpuinfo)
 
 
 def bitsandbytes_packs_here() -> bool:
