@@ -143,6 +143,7 @@ def test_colab_asks_for_a_t4(path: Path) -> None:
 
 NOISE = {
     "an absolute path": re.compile(r"(?<![\w.~])/(?:work|root|home|tmp|Users|content|private|var)/"),
+    "a path outside the repository (a reader of the book has no such folder)": re.compile(r"(?<![\w.])\.\./"),
     "tqdm's IProgress warning": re.compile(r"IProgress not found"),
     "a transformers LOAD REPORT": re.compile(r"LOAD REPORT"),
     "a FutureWarning": re.compile(r"FutureWarning"),
